@@ -1,0 +1,45 @@
+// Shared by every device: input validation (done once, at the public ops), SPEC defaults for the
+// scales, and the dtype and shape rules of the internal ops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/SymInt.h>
+
+#include <cmath>
+#include <optional>
+
+namespace bsbr {
+
+// Chunk states and retrieved states are accumulated and kept in fp32 (fp64 for fp64 inputs, so
+// that fp64 gradcheck is meaningful).
+inline at::ScalarType state_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline c10::SymInt num_chunks(const c10::SymInt& n, int64_t chunk_size) {
+  return (n + (chunk_size - 1)) / chunk_size;
+}
+
+struct Scales {
+  double scale;        // local softmax: 1/sqrt(d)
+  double meta_scale;   // chunk-level softmax: 1/sqrt(dm)
+  double state_scale;  // long-range term: 1/(chunk_size*sqrt(ds))
+};
+
+// Validates the tensors of one public op. Any of them may be undefined when the op does not take
+// it. Messages name the argument and the rule.
+struct Inputs {
+  at::Tensor q, k, v, meta_q, meta_k, q_state, k_state, states;
+};
+void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap);
+
+Scales resolve_scales(
+    const at::Tensor& q,
+    const at::Tensor& meta_q,
+    const at::Tensor& q_state,
+    int64_t chunk_size,
+    std::optional<double> scale,
+    std::optional<double> meta_scale,
+    std::optional<double> state_scale);
+
+}  // namespace bsbr

@@ -1,0 +1,586 @@
+// CPU kernels of the internal ops. Each kernel is parallel over (batch*head, chunk) with
+// at::parallel_for; a task copies its chunk's tiles into acc_t scratch (fp32, fp64 for fp64
+// inputs), runs the register-tiled microkernels on them and writes its own rows only, so results
+// do not depend on the thread count. Gradients are accumulated in acc_t and cast once at the end.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "bsbr_common.h"
+#include "cpu/microkernels.h"
+
+namespace bsbr::cpu {
+namespace {
+
+// Score rows are processed in blocks of kRowBlock queries; each block multiplies only the key
+// columns its last query can see (rounded up to kColAlign), which skips the masked upper half.
+constexpr int64_t kRowBlock = 16;
+constexpr int64_t kColAlign = 32;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Token range of chunk c and of its local window.
+struct Chunk {
+  int64_t start, end, window_start;
+  int64_t rows() const { return end - start; }
+  int64_t window() const { return end - window_start; }
+  int64_t overlap() const { return start - window_start; }  // window rows before the chunk
+};
+
+Chunk chunk_at(int64_t c, int64_t n, int64_t chunk_size, int64_t overlap) {
+  const int64_t start = c * chunk_size;
+  return {start, std::min(start + chunk_size, n), std::max<int64_t>(0, start - overlap)};
+}
+
+// dst[i][j] = mul * src[i][j]: rows x cols from a row-major source with leading dim lds.
+template <typename scalar_t, typename acc_t>
+void load(const scalar_t* src, int64_t lds, int64_t rows, int64_t cols, acc_t* dst, int64_t ldd,
+          acc_t mul = acc_t(1)) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[i * ldd + j] = mul * static_cast<acc_t>(src[i * lds + j]);
+}
+
+// dst[j][i] = src[i][j]: the transposed tile, for products with a transposed operand.
+template <typename scalar_t, typename acc_t>
+void load_transposed(const scalar_t* src, int64_t lds, int64_t rows, int64_t cols, acc_t* dst,
+                     int64_t ldd) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = static_cast<acc_t>(src[i * lds + j]);
+}
+
+template <typename acc_t>
+void zero(acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) std::fill(x + i * ld, x + i * ld + cols, acc_t(0));
+}
+
+template <typename scalar_t>
+const scalar_t* ptr(const at::Tensor& t) { return t.const_data_ptr<scalar_t>(); }
+
+template <typename scalar_t>
+scalar_t* mut(at::Tensor& t) { return t.mutable_data_ptr<scalar_t>(); }
+
+// Problem sizes shared by the chunk-attention kernels; tensors are contiguous [BH, n, ...].
+struct Dims {
+  int64_t bh, n, d, ds, chunk_size, overlap, num_chunks;
+};
+
+Dims dims_of(const at::Tensor& q, const at::Tensor& q_state, int64_t chunk_size, int64_t overlap) {
+  const int64_t n = q.size(2);
+  return {q.size(0) * q.size(1), n, q.size(3), q_state.size(3), chunk_size, overlap,
+          (n + chunk_size - 1) / chunk_size};
+}
+
+// Scratch of one task: tiles of its chunk and window, sized for the largest chunk.
+template <typename acc_t>
+struct AttentionScratch {
+  int64_t cols;  // padded window width (leading dim of the score and transposed tiles)
+  std::vector<acc_t> q, kt, k, vt, v, scores, dscores, out, dout, qs, st, dqs, tr;
+  AttentionScratch(const Dims& s, bool backward) {
+    const int64_t rows = s.chunk_size, window = s.chunk_size + s.overlap;
+    cols = round_up(window, kColAlign);
+    q.resize(rows * s.d);
+    kt.resize(s.d * cols);
+    v.resize(window * s.d);
+    scores.resize(rows * cols);
+    out.resize(rows * s.d);
+    qs.resize(rows * s.ds);
+    if (backward) {
+      k.resize(window * s.d);
+      vt.resize(s.d * cols);
+      dscores.resize(rows * cols);
+      dout.resize(rows * s.d);
+      st.resize(s.d * s.ds);
+      dqs.resize(rows * s.ds);
+      tr.resize(std::max(cols * rows, s.ds * rows));
+    }
+  }
+};
+
+// scores[i][j] = <q_i, k_j> over the causal window of each row block (q already scaled).
+template <typename acc_t>
+void window_scores(const Chunk& ch, int64_t d, AttentionScratch<acc_t>& w, acc_t* scores) {
+  for (int64_t i0 = 0; i0 < ch.rows(); i0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, ch.rows() - i0);
+    const int64_t cols = std::min(round_up(ch.overlap() + i0 + rows, kColAlign), w.cols);
+    zero(scores + i0 * w.cols, rows, cols, w.cols);
+    gemm_acc(rows, cols, d, w.q.data() + i0 * d, d, w.kt.data(), w.cols, scores + i0 * w.cols, w.cols);
+  }
+}
+
+// Number of keys row i of the chunk sees: the overlap plus itself and the rows before it.
+inline int64_t visible(const Chunk& ch, int64_t i) { return ch.overlap() + i + 1; }
+
+// out[i] += p[i] @ v over the row blocks; p is zero past each row's visible keys.
+template <typename acc_t>
+void window_product(const Chunk& ch, int64_t cols_total, int64_t d, const acc_t* p, int64_t ldp,
+                    const acc_t* v, acc_t* out) {
+  for (int64_t i0 = 0; i0 < ch.rows(); i0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, ch.rows() - i0);
+    const int64_t keys = std::min(visible(ch, i0 + rows - 1), cols_total);
+    gemm_acc(rows, d, keys, p + i0 * ldp, ldp, v, d, out + i0 * d, d);
+  }
+}
+
+template <typename scalar_t>
+void chunk_attention_fwd_kernel(const Dims& s, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& q_state,
+                                const at::Tensor& retrieved, double scale, double state_scale,
+                                at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *qp = ptr<scalar_t>(q), *kp = ptr<scalar_t>(k), *vp = ptr<scalar_t>(v),
+                 *qsp = ptr<scalar_t>(q_state);
+  const acc_t* sp = ptr<acc_t>(retrieved);
+  scalar_t* op = mut<scalar_t>(out);
+  acc_t* lp = mut<acc_t>(lse);
+  at::parallel_for(0, s.bh * s.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    AttentionScratch<acc_t> w(s, /*backward=*/false);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / s.num_chunks, c = task % s.num_chunks;
+      const Chunk ch = chunk_at(c, s.n, s.chunk_size, s.overlap);
+      const int64_t tok = bh * s.n;
+      load(qp + (tok + ch.start) * s.d, s.d, ch.rows(), s.d, w.q.data(), s.d, acc_t(scale));
+      load_transposed(kp + (tok + ch.window_start) * s.d, s.d, ch.window(), s.d, w.kt.data(), w.cols);
+      load(vp + (tok + ch.window_start) * s.d, s.d, ch.window(), s.d, w.v.data(), s.d);
+      window_scores(ch, s.d, w, w.scores.data());
+      for (int64_t i = 0; i < ch.rows(); ++i) {
+        acc_t* row = w.scores.data() + i * w.cols;
+        const int64_t keys = visible(ch, i);
+        const acc_t mx = *std::max_element(row, row + keys);
+        const acc_t sum = exp_shift_sum(row, keys, mx);
+        const acc_t inv = acc_t(1) / sum;
+        for (int64_t j = 0; j < keys; ++j) row[j] *= inv;
+        std::fill(row + keys, row + std::min(visible(ch, i | (kRowBlock - 1)), w.cols), acc_t(0));
+        lp[tok + ch.start + i] = mx + std::log(sum);
+      }
+      zero(w.out.data(), ch.rows(), s.d, s.d);
+      window_product(ch, w.cols, s.d, w.scores.data(), w.cols, w.v.data(), w.out.data());
+      // Long-range term: state_scale * q_state @ S_c.
+      load(qsp + (tok + ch.start) * s.ds, s.ds, ch.rows(), s.ds, w.qs.data(), s.ds, acc_t(state_scale));
+      gemm_acc(ch.rows(), s.d, s.ds, w.qs.data(), s.ds, sp + (bh * s.num_chunks + c) * s.ds * s.d, s.d,
+               w.out.data(), s.d);
+      scalar_t* dst = op + (tok + ch.start) * s.d;
+      for (int64_t x = 0; x < ch.rows() * s.d; ++x) dst[x] = static_cast<scalar_t>(w.out[x]);
+    }
+  });
+}
+
+// Gradients of the chunk attention in acc_t: [BH, n, d] for q, k, v, [BH, n, ds] for q_state,
+// [BH, C, ds, d] for the retrieved states.
+struct AttentionGrads {
+  at::Tensor q, k, v, q_state, retrieved;
+};
+
+template <typename scalar_t>
+AttentionGrads chunk_attention_bwd_kernel(
+    const Dims& s, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& q_state, const at::Tensor& retrieved,
+    const at::Tensor& out, const at::Tensor& lse, double scale, double state_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  AttentionGrads g;
+  g.q = at::empty({s.bh, s.n, s.d}, acc_opts);
+  g.k = at::empty({s.bh, s.n, s.d}, acc_opts);
+  g.v = at::empty({s.bh, s.n, s.d}, acc_opts);
+  g.q_state = at::empty({s.bh, s.n, s.ds}, acc_opts);
+  g.retrieved = at::empty({s.bh, s.num_chunks, s.ds, s.d}, acc_opts);
+  // Window rows before a chunk belong to the previous chunk: their k/v gradients go to a
+  // per-chunk buffer that a second pass adds in a fixed order (deterministic, no races).
+  auto spill_k = at::zeros({s.bh, s.num_chunks, s.overlap, s.d}, acc_opts);
+  auto spill_v = at::zeros({s.bh, s.num_chunks, s.overlap, s.d}, acc_opts);
+
+  const scalar_t *qp = ptr<scalar_t>(q), *kp = ptr<scalar_t>(k), *vp = ptr<scalar_t>(v),
+                 *qsp = ptr<scalar_t>(q_state), *op = ptr<scalar_t>(out), *gp = ptr<scalar_t>(grad_out);
+  const acc_t *sp = ptr<acc_t>(retrieved), *lp = ptr<acc_t>(lse);
+  acc_t *dq = mut<acc_t>(g.q), *dk = mut<acc_t>(g.k), *dv = mut<acc_t>(g.v),
+        *dqs = mut<acc_t>(g.q_state), *dsp = mut<acc_t>(g.retrieved),
+        *spk = mut<acc_t>(spill_k), *spv = mut<acc_t>(spill_v);
+
+  at::parallel_for(0, s.bh * s.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    AttentionScratch<acc_t> w(s, /*backward=*/true);
+    std::vector<acc_t> dk_win((s.chunk_size + s.overlap) * s.d), dv_win(dk_win.size());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / s.num_chunks, c = task % s.num_chunks;
+      const Chunk ch = chunk_at(c, s.n, s.chunk_size, s.overlap);
+      const int64_t tok = bh * s.n, rows = ch.rows(), win = ch.window();
+      const acc_t* state = sp + (bh * s.num_chunks + c) * s.ds * s.d;
+      load(qp + (tok + ch.start) * s.d, s.d, rows, s.d, w.q.data(), s.d, acc_t(scale));
+      load_transposed(kp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.kt.data(), w.cols);
+      load(kp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.k.data(), s.d);
+      load_transposed(vp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.vt.data(), w.cols);
+      load(gp + (tok + ch.start) * s.d, s.d, rows, s.d, w.dout.data(), s.d);
+      load(qsp + (tok + ch.start) * s.ds, s.ds, rows, s.ds, w.qs.data(), s.ds);
+      transpose(s.ds, s.d, state, s.d, w.st.data(), s.ds);
+
+      // dq_state = state_scale * dO @ S_c^T
+      zero(w.dqs.data(), rows, s.ds, s.ds);
+      gemm_acc(rows, s.ds, s.d, w.dout.data(), s.d, w.st.data(), s.ds, w.dqs.data(), s.ds);
+      for (int64_t x = 0; x < rows * s.ds; ++x) w.dqs[x] *= acc_t(state_scale);
+      std::copy(w.dqs.begin(), w.dqs.begin() + rows * s.ds, dqs + (tok + ch.start) * s.ds);
+      // dS_c = state_scale * q_state^T @ dO
+      transpose(rows, s.ds, w.qs.data(), s.ds, w.tr.data(), rows);
+      acc_t* dstate = dsp + (bh * s.num_chunks + c) * s.ds * s.d;
+      zero(dstate, s.ds, s.d, s.d);
+      gemm_acc(s.ds, s.d, rows, w.tr.data(), rows, w.dout.data(), s.d, dstate, s.d);
+      for (int64_t x = 0; x < s.ds * s.d; ++x) dstate[x] *= acc_t(state_scale);
+
+      // P from the saved lse; dP = dO @ V^T over the same causal blocks.
+      window_scores(ch, s.d, w, w.scores.data());
+      for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock) {
+        const int64_t r = std::min(kRowBlock, rows - i0);
+        const int64_t cols = std::min(round_up(ch.overlap() + i0 + r, kColAlign), w.cols);
+        zero(w.dscores.data() + i0 * w.cols, r, cols, w.cols);
+        gemm_acc(r, cols, s.d, w.dout.data() + i0 * s.d, s.d, w.vt.data(), w.cols,
+                 w.dscores.data() + i0 * w.cols, w.cols);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t* p = w.scores.data() + i * w.cols;
+        acc_t* dp = w.dscores.data() + i * w.cols;
+        const int64_t keys = visible(ch, i);
+        const acc_t l = lp[tok + ch.start + i];
+        for (int64_t j = 0; j < keys; ++j) p[j] -= l;
+        exp_shift_sum(p, keys, acc_t(0));
+        // D_i = <dO_i, O_local_i> = <dO_i, out_i> - <q_state_i, dq_state_i>
+        acc_t delta = -dot(w.qs.data() + i * s.ds, w.dqs.data() + i * s.ds, s.ds);
+        const scalar_t* orow = op + (tok + ch.start + i) * s.d;
+        for (int64_t e = 0; e < s.d; ++e) delta += w.dout[i * s.d + e] * static_cast<acc_t>(orow[e]);
+        for (int64_t j = 0; j < keys; ++j) dp[j] = p[j] * (dp[j] - delta);
+        // Whole rows: the transposed products below read every window column.
+        std::fill(p + keys, p + win, acc_t(0));
+        std::fill(dp + keys, dp + win, acc_t(0));
+      }
+      // dq = scale * dS @ K
+      zero(w.out.data(), rows, s.d, s.d);
+      window_product(ch, w.cols, s.d, w.dscores.data(), w.cols, w.k.data(), w.out.data());
+      acc_t* dq_rows = dq + (tok + ch.start) * s.d;
+      for (int64_t x = 0; x < rows * s.d; ++x) dq_rows[x] = acc_t(scale) * w.out[x];
+      // dK_window = dS^T @ (scale * Q), dV_window = P^T @ dO
+      transpose(rows, win, w.dscores.data(), w.cols, w.tr.data(), rows);
+      zero(dk_win.data(), win, s.d, s.d);
+      gemm_acc(win, s.d, rows, w.tr.data(), rows, w.q.data(), s.d, dk_win.data(), s.d);
+      transpose(rows, win, w.scores.data(), w.cols, w.tr.data(), rows);
+      zero(dv_win.data(), win, s.d, s.d);
+      gemm_acc(win, s.d, rows, w.tr.data(), rows, w.dout.data(), s.d, dv_win.data(), s.d);
+      const int64_t spill = ch.overlap() * s.d;
+      std::copy(dk_win.begin(), dk_win.begin() + spill, spk + task * s.overlap * s.d);
+      std::copy(dv_win.begin(), dv_win.begin() + spill, spv + task * s.overlap * s.d);
+      std::copy(dk_win.begin() + spill, dk_win.begin() + win * s.d, dk + (tok + ch.start) * s.d);
+      std::copy(dv_win.begin() + spill, dv_win.begin() + win * s.d, dv + (tok + ch.start) * s.d);
+    }
+  });
+  if (s.overlap > 0) {
+    at::parallel_for(0, s.bh * s.num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / s.num_chunks, c = task % s.num_chunks;
+        if (c == 0) continue;
+        const Chunk ch = chunk_at(c, s.n, s.chunk_size, s.overlap);
+        const int64_t first = (bh * s.n + ch.window_start) * s.d, count = ch.overlap() * s.d;
+        for (int64_t x = 0; x < count; ++x) {
+          dk[first + x] += spk[task * s.overlap * s.d + x];
+          dv[first + x] += spv[task * s.overlap * s.d + x];
+        }
+      }
+    });
+  }
+  return g;
+}
+
+// F_j = k_state[j]^T v[j], [BH, C, ds, d] in acc_t.
+template <typename scalar_t>
+void chunk_states_fwd_kernel(const at::Tensor& k_state, const at::Tensor& v, int64_t chunk_size,
+                             at::Tensor& states) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bh = k_state.size(0) * k_state.size(1), n = k_state.size(2), ds = k_state.size(3),
+                d = v.size(3), num_chunks = states.size(2);
+  const scalar_t *kp = ptr<scalar_t>(k_state), *vp = ptr<scalar_t>(v);
+  acc_t* fp = mut<acc_t>(states);
+  at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> kt(ds * chunk_size), vt(chunk_size * d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_chunks, c = task % num_chunks;
+      const Chunk ch = chunk_at(c, n, chunk_size, 0);
+      const int64_t tok = b * n + ch.start, rows = ch.rows();
+      load_transposed(kp + tok * ds, ds, rows, ds, kt.data(), rows);
+      load(vp + tok * d, d, rows, d, vt.data(), d);
+      acc_t* f = fp + task * ds * d;
+      zero(f, ds, d, d);
+      gemm_acc(ds, d, rows, kt.data(), rows, vt.data(), d, f, d);
+    }
+  });
+}
+
+// dk_state = v @ dF^T, dv = k_state @ dF per chunk, in acc_t.
+template <typename scalar_t>
+std::pair<at::Tensor, at::Tensor> chunk_states_bwd_kernel(const at::Tensor& grad_states,
+                                                          const at::Tensor& k_state,
+                                                          const at::Tensor& v, int64_t chunk_size) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bh = k_state.size(0) * k_state.size(1), n = k_state.size(2), ds = k_state.size(3),
+                d = v.size(3), num_chunks = grad_states.size(2);
+  const auto acc_opts = v.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  auto dks = at::empty({bh, n, ds}, acc_opts), dv = at::empty({bh, n, d}, acc_opts);
+  const scalar_t *kp = ptr<scalar_t>(k_state), *vp = ptr<scalar_t>(v);
+  const acc_t* gp = ptr<acc_t>(grad_states);
+  acc_t *dkp = mut<acc_t>(dks), *dvp = mut<acc_t>(dv);
+  at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> kb(chunk_size * ds), vb(chunk_size * d), gt(d * ds);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_chunks, c = task % num_chunks;
+      const Chunk ch = chunk_at(c, n, chunk_size, 0);
+      const int64_t tok = b * n + ch.start, rows = ch.rows();
+      const acc_t* g = gp + task * ds * d;
+      load(kp + tok * ds, ds, rows, ds, kb.data(), ds);
+      load(vp + tok * d, d, rows, d, vb.data(), d);
+      transpose(ds, d, g, d, gt.data(), ds);
+      zero(dkp + tok * ds, rows, ds, ds);
+      gemm_acc(rows, ds, d, vb.data(), d, gt.data(), ds, dkp + tok * ds, ds);
+      zero(dvp + tok * d, rows, d, d);
+      gemm_acc(rows, d, ds, kb.data(), ds, g, d, dvp + tok * d, d);
+    }
+  });
+  return {dks, dv};
+}
+
+// Retrieval weights of chunk c over chunks j < c into p[0..c); returns nothing for c == 0.
+template <typename scalar_t, typename acc_t>
+void retrieval_row(const scalar_t* mq, const scalar_t* mk, int64_t c, int64_t dm, double meta_scale,
+                   acc_t* p) {
+  if (c == 0) return;
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < c; ++j) {
+    acc_t a = 0;
+    for (int64_t e = 0; e < dm; ++e)
+      a += static_cast<acc_t>(mq[c * dm + e]) * static_cast<acc_t>(mk[j * dm + e]);
+    p[j] = a * acc_t(meta_scale);
+    mx = std::max(mx, p[j]);
+  }
+  const acc_t inv = acc_t(1) / exp_shift_sum(p, c, mx);
+  for (int64_t j = 0; j < c; ++j) p[j] *= inv;
+}
+
+template <typename scalar_t>
+void block_retrieval_fwd_kernel(const at::Tensor& meta_q, const at::Tensor& meta_k,
+                                const at::Tensor& states, double meta_scale, at::Tensor& retrieved) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bh = states.size(0) * states.size(1), num_chunks = states.size(2),
+                width = states.size(3) * states.size(4), dm = meta_q.size(3);
+  const scalar_t *mqp = ptr<scalar_t>(meta_q), *mkp = ptr<scalar_t>(meta_k);
+  const acc_t* fp = ptr<acc_t>(states);
+  acc_t* sp = mut<acc_t>(retrieved);
+  at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> p(num_chunks);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_chunks, c = task % num_chunks;
+      retrieval_row(mqp + b * num_chunks * dm, mkp + b * num_chunks * dm, c, dm, meta_scale, p.data());
+      acc_t* out = sp + task * width;
+      zero(out, 1, width, width);
+      gemm_acc(1, width, c, p.data(), c, fp + b * num_chunks * width, width, out, width);
+    }
+  });
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_retrieval_bwd_kernel(
+    const at::Tensor& grad_retrieved, const at::Tensor& meta_q, const at::Tensor& meta_k,
+    const at::Tensor& states, double meta_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bh = states.size(0) * states.size(1), num_chunks = states.size(2),
+                width = states.size(3) * states.size(4), dm = meta_q.size(3);
+  const auto acc_opts = states.options();
+  auto dmq = at::empty({bh, num_chunks, dm}, acc_opts), dmk = at::empty({bh, num_chunks, dm}, acc_opts);
+  auto dstates = at::empty({bh, num_chunks, width}, acc_opts);
+  // Row c of p and of the logit gradient da, kept for the column pass.
+  auto p_all = at::zeros({bh, num_chunks, num_chunks}, acc_opts), da_all = at::zeros_like(p_all);
+  const scalar_t *mqp = ptr<scalar_t>(meta_q), *mkp = ptr<scalar_t>(meta_k);
+  const acc_t *fp = ptr<acc_t>(states), *gp = ptr<acc_t>(grad_retrieved);
+  acc_t *dmqp = mut<acc_t>(dmq), *dmkp = mut<acc_t>(dmk), *dfp = mut<acc_t>(dstates),
+        *pp = mut<acc_t>(p_all), *dap = mut<acc_t>(da_all);
+  const int64_t cc = num_chunks * num_chunks;
+  // Rows: dP_cj = <dS_c, F_j>, da = p * (dP - <p, dP>), dmeta_q_c = meta_scale * da_c @ meta_k.
+  at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_chunks, c = task % num_chunks;
+      const scalar_t *mq = mqp + b * num_chunks * dm, *mk = mkp + b * num_chunks * dm;
+      acc_t *p = pp + b * cc + c * num_chunks, *da = dap + b * cc + c * num_chunks;
+      retrieval_row(mq, mk, c, dm, meta_scale, p);
+      acc_t weighted = 0;
+      for (int64_t j = 0; j < c; ++j) {
+        da[j] = dot(gp + task * width, fp + (b * num_chunks + j) * width, width);
+        weighted += p[j] * da[j];
+      }
+      acc_t* g = dmqp + task * dm;
+      std::fill(g, g + dm, acc_t(0));
+      for (int64_t j = 0; j < c; ++j) {
+        da[j] = p[j] * (da[j] - weighted);
+        for (int64_t e = 0; e < dm; ++e) g[e] += acc_t(meta_scale) * da[j] * static_cast<acc_t>(mk[j * dm + e]);
+      }
+    }
+  });
+  // Columns: dF_j = sum_{c>j} p_cj dS_c, dmeta_k_j = meta_scale * sum_{c>j} da_cj meta_q_c.
+  at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_chunks, j = task % num_chunks;
+      const scalar_t* mq = mqp + b * num_chunks * dm;
+      acc_t* df = dfp + task * width;
+      acc_t* g = dmkp + task * dm;
+      std::fill(df, df + width, acc_t(0));
+      std::fill(g, g + dm, acc_t(0));
+      for (int64_t c = j + 1; c < num_chunks; ++c) {
+        const acc_t pc = pp[b * cc + c * num_chunks + j], dac = dap[b * cc + c * num_chunks + j];
+        const acc_t* gs = gp + (b * num_chunks + c) * width;
+        for (int64_t x = 0; x < width; ++x) df[x] += pc * gs[x];
+        for (int64_t e = 0; e < dm; ++e) g[e] += acc_t(meta_scale) * dac * static_cast<acc_t>(mq[c * dm + e]);
+      }
+    }
+  });
+  return {dmq, dmk, dstates};
+}
+
+// ---- Op entry points: contiguous inputs, [b, h, ...] shapes, dtype dispatch. -----------------
+
+#define BSBR_DISPATCH(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
+
+at::Tensor states_like(const at::Tensor& t, int64_t num_chunks, int64_t ds, int64_t d) {
+  return at::empty({t.size(0), t.size(1), num_chunks, ds, d}, t.options().dtype(state_dtype(t.scalar_type())));
+}
+
+at::Tensor chunk_states_fwd(const at::Tensor& k_state_, const at::Tensor& v_, int64_t chunk_size) {
+  const auto k_state = k_state_.contiguous(), v = v_.contiguous();
+  auto states = states_like(v, (v.size(2) + chunk_size - 1) / chunk_size, k_state.size(3), v.size(3));
+  BSBR_DISPATCH(v.scalar_type(), "chunk_states_fwd", [&] {
+    chunk_states_fwd_kernel<scalar_t>(k_state, v, chunk_size, states);
+  });
+  return states;
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_states_bwd(const at::Tensor& grad_states,
+                                                    const at::Tensor& k_state_, const at::Tensor& v_,
+                                                    int64_t chunk_size) {
+  const auto k_state = k_state_.contiguous(), v = v_.contiguous();
+  const auto g = grad_states.contiguous().to(state_dtype(v.scalar_type()));
+  at::Tensor dks, dv;
+  BSBR_DISPATCH(v.scalar_type(), "chunk_states_bwd", [&] {
+    std::tie(dks, dv) = chunk_states_bwd_kernel<scalar_t>(g, k_state, v, chunk_size);
+  });
+  return {dks.view(k_state.sizes()).to(k_state.scalar_type()), dv.view(v.sizes()).to(v.scalar_type())};
+}
+
+at::Tensor block_retrieval_fwd(const at::Tensor& meta_q_, const at::Tensor& meta_k_,
+                               const at::Tensor& states_, double meta_scale) {
+  const auto meta_q = meta_q_.contiguous(), meta_k = meta_k_.contiguous(), states = states_.contiguous();
+  auto retrieved = at::empty_like(states);
+  BSBR_DISPATCH(meta_q.scalar_type(), "block_retrieval_fwd", [&] {
+    block_retrieval_fwd_kernel<scalar_t>(meta_q, meta_k, states, meta_scale, retrieved);
+  });
+  return retrieved;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_retrieval_bwd(
+    const at::Tensor& grad_retrieved, const at::Tensor& meta_q_, const at::Tensor& meta_k_,
+    const at::Tensor& states_, double meta_scale) {
+  const auto meta_q = meta_q_.contiguous(), meta_k = meta_k_.contiguous(), states = states_.contiguous();
+  const auto g = grad_retrieved.contiguous().to(states.scalar_type());
+  at::Tensor dmq, dmk, dstates;
+  BSBR_DISPATCH(meta_q.scalar_type(), "block_retrieval_bwd", [&] {
+    std::tie(dmq, dmk, dstates) = block_retrieval_bwd_kernel<scalar_t>(g, meta_q, meta_k, states, meta_scale);
+  });
+  return {dmq.view(meta_q.sizes()).to(meta_q.scalar_type()),
+          dmk.view(meta_k.sizes()).to(meta_k.scalar_type()), dstates.view(states.sizes())};
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_attention_fwd(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& q_state_,
+    const at::Tensor& retrieved_, int64_t chunk_size, int64_t chunk_overlap, double scale,
+    double state_scale) {
+  const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(),
+             q_state = q_state_.contiguous(), retrieved = retrieved_.contiguous();
+  const Dims s = dims_of(q, q_state, chunk_size, chunk_overlap);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, retrieved.options());
+  BSBR_DISPATCH(q.scalar_type(), "chunk_attention_fwd", [&] {
+    chunk_attention_fwd_kernel<scalar_t>(s, q, k, v, q_state, retrieved, scale, state_scale, out, lse);
+  });
+  return {out, lse};
+}
+
+AttentionGrads chunk_attention_bwd_acc(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_state, const at::Tensor& retrieved, const at::Tensor& out,
+    const at::Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale, double state_scale) {
+  const Dims s = dims_of(q, q_state, chunk_size, chunk_overlap);
+  AttentionGrads g;
+  BSBR_DISPATCH(q.scalar_type(), "chunk_attention_bwd", [&] {
+    g = chunk_attention_bwd_kernel<scalar_t>(
+        s, grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), q_state.contiguous(),
+        retrieved.contiguous(), out.contiguous(), lse.contiguous(), scale, state_scale);
+  });
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_state, const at::Tensor& retrieved, const at::Tensor& out,
+    const at::Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale, double state_scale) {
+  const auto g = chunk_attention_bwd_acc(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size,
+                                         chunk_overlap, scale, state_scale);
+  const auto dtype = q.scalar_type();
+  return {g.q.view(q.sizes()).to(dtype), g.k.view(k.sizes()).to(dtype), g.v.view(v.sizes()).to(dtype),
+          g.q_state.view(q_state.sizes()).to(dtype), g.retrieved.view(retrieved.sizes())};
+}
+
+std::tuple<at::Tensor, at::Tensor> bsbr_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& meta_q,
+    const at::Tensor& meta_k, const at::Tensor& q_state, const at::Tensor& k_state,
+    int64_t chunk_size, int64_t chunk_overlap, double scale, double meta_scale, double state_scale) {
+  const auto states = chunk_states_fwd(k_state, v, chunk_size);
+  const auto retrieved = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
+  return chunk_attention_fwd(q, k, v, q_state, retrieved, chunk_size, chunk_overlap, scale, state_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bsbr_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& meta_q, const at::Tensor& meta_k,
+                   const at::Tensor& q_state, const at::Tensor& k_state, const at::Tensor& out,
+                   const at::Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale,
+                   double meta_scale, double state_scale) {
+  const auto states = chunk_states_fwd(k_state, v, chunk_size);
+  const auto retrieved = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
+  const auto g = chunk_attention_bwd_acc(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size,
+                                         chunk_overlap, scale, state_scale);
+  auto [dmq, dmk, dstates] = block_retrieval_bwd(g.retrieved.view(retrieved.sizes()), meta_q, meta_k,
+                                                 states, meta_scale);
+  at::Tensor dks, dv_states;
+  BSBR_DISPATCH(v.scalar_type(), "chunk_states_bwd", [&] {
+    std::tie(dks, dv_states) =
+        chunk_states_bwd_kernel<scalar_t>(dstates, k_state.contiguous(), v.contiguous(), chunk_size);
+  });
+  const auto dtype = q.scalar_type();
+  return {g.q.view(q.sizes()).to(dtype),
+          g.k.view(k.sizes()).to(dtype),
+          g.v.add_(dv_states).view(v.sizes()).to(dtype),
+          dmq,
+          dmk,
+          g.q_state.view(q_state.sizes()).to(dtype),
+          dks.view(k_state.sizes()).to(dtype)};
+}
+
+}  // namespace
+}  // namespace bsbr::cpu
+
+TORCH_LIBRARY_IMPL(bsbr, CPU, m) {
+  using namespace bsbr::cpu;
+  m.impl("_bsbr_attention_fwd", &bsbr_attention_fwd);
+  m.impl("_bsbr_attention_bwd", &bsbr_attention_bwd);
+  m.impl("_chunk_states_fwd", &chunk_states_fwd);
+  m.impl("_chunk_states_bwd", &chunk_states_bwd);
+  m.impl("_block_retrieval_fwd", &block_retrieval_fwd);
+  m.impl("_block_retrieval_bwd", &block_retrieval_bwd);
+  m.impl("_chunk_attention_fwd", &chunk_attention_fwd);
+  m.impl("_chunk_attention_bwd", &chunk_attention_bwd);
+}

@@ -1,0 +1,411 @@
+"""The module layer of SPEC §2: BSBRAttention, BSBRLayer, BSBRModel.
+
+Padding (``attention_mask``, 1 = token, 0 = padding) is handled by *packing*: every row is permuted
+so that its real tokens come first, in order, and its padding after them. In that packed layout the
+operator's causality alone keeps padding from reaching any real token (local softmax, chunk states,
+retrieval), chunking starts at each row's first real token, and positions count from there; so a
+padded batch gives every sequence what it gets when run alone. Outputs are permuted back and
+padding positions are set to exactly 0. Left and right padding (the documented cases) are a roll;
+any other mask packs the real tokens the same way. No host synchronisation is involved.
+
+Everything here is TorchScript-compatible: ``torch.jit.script(BSBRModel(...).eval())`` works.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import bsbr_attention
+
+__all__ = ["BSBRAttention", "BSBRLayer", "BSBRModel"]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers (the argument checks run in __init__ only; the rest is scriptable)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_dropout(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1], got {value!r}")
+
+
+def packing_permutation(keep: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """For a boolean mask ``keep: [b, n]`` return ``(src, dest, packed_keep)``, all ``[b, n]``.
+
+    ``packed[:, j] = x[:, src[:, j]]`` puts every row's real tokens first (in order) and its
+    padding after them; ``x[:, i] = packed[:, dest[:, i]]`` undoes it; ``packed_keep`` is the mask
+    in the packed layout (``j < number of real tokens``). For left padding this is a roll by the
+    number of leading padding tokens; for right padding it is the identity.
+    """
+    n = keep.shape[1]
+    keep_i = keep.to(torch.long)
+    n_real = keep_i.sum(dim=1, keepdim=True)
+    real_rank = keep_i.cumsum(dim=1) - 1
+    pad_rank = (1 - keep_i).cumsum(dim=1) - 1 + n_real
+    dest = torch.where(keep, real_rank, pad_rank)
+    positions = torch.arange(n, device=keep.device).unsqueeze(0).expand_as(dest)
+    src = torch.empty_like(dest).scatter_(1, dest, positions)
+    packed_keep = positions < n_real
+    return src, dest, packed_keep
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``out[b, j] = x[b, index[b, j]]`` for ``x: [b, n, e]`` and ``index: [b, n]``."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
+def sinusoidal_positions(positions: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """Sinusoidal embeddings ``[..., dim]`` of integer positions of any size (no max length)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    half = (dim + 1) // 2
+    freq = torch.exp(
+        torch.arange(half, device=positions.device, dtype=acc) * (-math.log(10000.0) / half)
+    )
+    angles = positions.to(acc).unsqueeze(-1) * freq
+    emb = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    return emb[..., :dim].to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+class BSBRAttention(nn.Module):
+    """Multi-head BSBR attention (SPEC §2) on ``x: [b, n, hidden_dim]``.
+
+    Args:
+        hidden_dim: model width; must be divisible by ``num_heads``.
+        num_heads: number of heads; head dim ``d = hidden_dim // num_heads``.
+        chunk_size: block size ``B >= 1``.
+        dropout: dropout on the attention output (before the output projection).
+        compression_factor: ``f``; ``None`` or 1 = no state compression; ``f > 1`` must divide
+            ``d`` and adds a learned ``P: d x d/f`` (shared by the heads) with
+            ``q_state = q P``, ``k_state = k P``.
+        chunk_overlap: ``0 <= w <= chunk_size`` tokens of the previous chunk in each local window.
+
+    ``forward(x, attention_mask=None)`` returns ``[b, n, hidden_dim]``; with a mask
+    (``[b, n]``, 1 = token, 0 = padding) outputs at padding positions are exactly 0.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        chunk_size: int,
+        dropout: float = 0.0,
+        compression_factor: Optional[int] = None,
+        chunk_overlap: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_int("hidden_dim", hidden_dim, 1)
+        _check_int("num_heads", num_heads, 1)
+        if hidden_dim % num_heads != 0:
+            raise ValueError(
+                f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        _check_int("chunk_size", chunk_size, 1)
+        _check_int("chunk_overlap", chunk_overlap, 0)
+        if chunk_overlap > chunk_size:
+            raise ValueError(
+                f"chunk_overlap must satisfy 0 <= chunk_overlap <= chunk_size, "
+                f"got chunk_overlap={chunk_overlap}, chunk_size={chunk_size}"
+            )
+        _check_dropout(dropout)
+        head_dim = hidden_dim // num_heads
+        if compression_factor is not None:
+            _check_int("compression_factor", compression_factor, 1)
+            if head_dim % compression_factor != 0:
+                raise ValueError(
+                    f"compression_factor ({compression_factor}) must divide the head dim "
+                    f"hidden_dim // num_heads = {head_dim}"
+                )
+
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.meta_dim = head_dim  # per-head dim of the chunk retrieval queries/keys
+        self.chunk_size = chunk_size
+        self.chunk_overlap = chunk_overlap
+        self.compression_factor = 1 if compression_factor is None else compression_factor
+        self.state_dim = head_dim // self.compression_factor
+
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        # W_r (meta queries, from the previous chunk's summary) and W_h (meta keys).
+        self.meta_query = nn.Linear(hidden_dim, num_heads * self.meta_dim, bias=False)
+        self.meta_key = nn.Linear(hidden_dim, num_heads * self.meta_dim, bias=False)
+        if self.compression_factor > 1:
+            # P (stored transposed, d/f x d) with orthonormal columns at init: q_state is q
+            # projected onto a learned subspace.
+            self.state_proj = nn.Linear(head_dim, self.state_dim, bias=False)
+            nn.init.orthogonal_(self.state_proj.weight)
+        else:
+            self.state_proj = None
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, "
+            f"chunk_size={self.chunk_size}, chunk_overlap={self.chunk_overlap}, "
+            f"compression_factor={self.compression_factor}"
+        )
+
+    # -- pieces (small so that a streaming cache can reuse them) ---------------------------------
+
+    def split_heads(self, t: Tensor) -> Tensor:
+        """``[b, n, heads * e] -> [b, heads, n, e]`` (contiguous)."""
+        b, n, e = t.shape[0], t.shape[1], t.shape[2] // self.num_heads
+        return t.view(b, n, self.num_heads, e).transpose(1, 2).contiguous()
+
+    def merge_heads(self, t: Tensor) -> Tensor:
+        """``[b, heads, n, e] -> [b, n, heads * e]``."""
+        b, n = t.shape[0], t.shape[2]
+        return t.transpose(1, 2).reshape(b, n, -1)
+
+    def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Token queries, keys, values ``[b, h, n, d]``."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def project_state(self, t: Tensor) -> Optional[Tensor]:
+        """``t P`` (``[b, h, n, d/f]``) when compressing, else None (the op then uses ``t``)."""
+        if self.state_proj is None:
+            return None
+        return self.state_proj(t)
+
+    def chunk_summaries(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``xbar: [b, C, hidden]``, the mean of ``x`` over the real tokens of each chunk.
+
+        ``mask`` (bool ``[b, n]``, True = token) excludes padding; a chunk without real tokens
+        gets 0; the partial last chunk is averaged over the tokens it has. Sums are accumulated in
+        fp32 (fp64 for fp64 inputs).
+        """
+        b, n, e = x.shape[0], x.shape[1], x.shape[2]
+        size = self.chunk_size
+        c = (n + size - 1) // size
+        pad = c * size - n
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if mask is None:
+            sums = F.pad(x, (0, 0, 0, pad)).view(b, c, size, e).sum(dim=2, dtype=acc)
+            starts = torch.arange(c, device=x.device) * size
+            counts = (n - starts).clamp(max=size).to(acc).view(1, c, 1)
+        else:
+            xm = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x))
+            sums = F.pad(xm, (0, 0, 0, pad)).view(b, c, size, e).sum(dim=2, dtype=acc)
+            counts = F.pad(mask.to(acc), (0, pad)).view(b, c, size).sum(dim=2).unsqueeze(-1)
+        return (sums / counts.clamp(min=1.0)).to(x.dtype)
+
+    def meta_keys(self, xbar: Tensor) -> Tensor:
+        """``meta_k[c] = W_h xbar_c``: ``[b, h, C, dm]``."""
+        return self.split_heads(self.meta_key(xbar))
+
+    def meta_queries_from(self, xbar_prev: Tensor) -> Tensor:
+        """``W_r xbar``: the meta queries of the chunks that *follow* the summarised chunks."""
+        return self.split_heads(self.meta_query(xbar_prev))
+
+    def meta_queries(self, xbar: Tensor) -> Tensor:
+        """``meta_q[c] = W_r xbar_{c-1}`` for ``c >= 1``, ``meta_q[0] = 0``: ``[b, h, C, dm]``."""
+        mq = self.meta_queries_from(xbar[:, :-1])
+        return F.pad(mq, (0, 0, 1, 0))
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward_packed(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Forward on a packed batch: ``mask`` (bool ``[b, n]``) is True on a prefix of each row.
+
+        Padding sits after every real token of its row, so causality alone keeps it away from
+        real tokens' local softmax and retrieval. It is also zeroed on input, its values are
+        zeroed (so chunk states ``k_state^T v`` sum over real tokens only), it is excluded from
+        the summaries, and its outputs are 0.
+        """
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x))
+        q, k, v = self.project_qkv(x)
+        if mask is not None:
+            v = torch.where(mask.view(mask.shape[0], 1, mask.shape[1], 1), v, torch.zeros_like(v))
+        xbar = self.chunk_summaries(x, mask)
+        out = bsbr_attention(
+            q,
+            k,
+            v,
+            self.meta_queries(xbar),
+            self.meta_keys(xbar),
+            self.chunk_size,
+            self.chunk_overlap,
+            None,
+            None,
+            None,
+            self.project_state(q),
+            self.project_state(k),
+        )
+        out = self.out_proj(self.dropout(self.merge_heads(out)))
+        if mask is not None:
+            out = torch.where(mask.unsqueeze(-1), out, torch.zeros_like(out))
+        return out
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.hidden_dim:
+            raise ValueError(
+                f"x must have shape [batch, seq_len, hidden_dim={self.hidden_dim}], "
+                f"got {list(x.shape)}"
+            )
+        if attention_mask is None:
+            return self.forward_packed(x, None)
+        keep = _check_mask(attention_mask, x.shape[0], x.shape[1])
+        src, dest, packed_keep = packing_permutation(keep)
+        out = self.forward_packed(gather_tokens(x, src), packed_keep)
+        return gather_tokens(out, dest)
+
+
+def _check_mask(attention_mask: Tensor, b: int, n: int) -> Tensor:
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] != n:
+        raise ValueError(
+            f"attention_mask must have shape [batch, seq_len] = [{b}, {n}], "
+            f"got {list(attention_mask.shape)}"
+        )
+    return attention_mask != 0
+
+
+# ----------------------------------------------------------------------------------------------
+# layer and model
+
+
+class BSBRLayer(nn.Module):
+    """Pre-norm residual block: ``x + drop(attn(norm1(x)))``, then ``x + drop(ffn(norm2(x)))``."""
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        chunk_size: int,
+        ff_dim: int,
+        dropout: float = 0.1,
+        compression_factor: Optional[int] = None,
+        chunk_overlap: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_int("ff_dim", ff_dim, 1)
+        _check_dropout(dropout)
+        self.attention = BSBRAttention(
+            hidden_dim, num_heads, chunk_size, dropout, compression_factor, chunk_overlap
+        )
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.ff = nn.Sequential(
+            nn.Linear(hidden_dim, ff_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(ff_dim, hidden_dim),
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout(self.ff(self.norm2(x)))
+
+    def forward_packed(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Forward on a packed batch (see ``BSBRAttention.forward_packed``)."""
+        x = x + self.dropout(self.attention.forward_packed(self.norm1(x), mask))
+        return self.feed_forward(x)
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        x = x + self.dropout(self.attention(self.norm1(x), attention_mask))
+        return self.feed_forward(x)
+
+
+class BSBRModel(nn.Module):
+    """Embedding, sinusoidal positions (any length), ``num_layers`` BSBR layers, final LayerNorm.
+
+    ``forward(input_ids [b, n], attention_mask=None) -> [b, n, hidden_dim]`` hidden states.
+    Positions count from each row's first real token; hidden states at padding positions are 0.
+    ``use_checkpointing`` recomputes each layer in backward (training, eager mode only).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_dim: int,
+        num_layers: int,
+        num_heads: int,
+        chunk_size: int,
+        ff_dim: int,
+        dropout: float = 0.1,
+        compression_factor: Optional[int] = None,
+        chunk_overlap: int = 0,
+        use_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_int("vocab_size", vocab_size, 1)
+        _check_int("hidden_dim", hidden_dim, 1)
+        _check_int("num_layers", num_layers, 1)
+        _check_dropout(dropout)
+        self.vocab_size = vocab_size
+        self.hidden_dim = hidden_dim
+        self.use_checkpointing = bool(use_checkpointing)
+        self.embedding = nn.Embedding(vocab_size, hidden_dim)
+        # Unit-variance inputs: embedding * sqrt(hidden) ~ N(0, 1), like the sinusoids.
+        nn.init.normal_(self.embedding.weight, std=hidden_dim**-0.5)
+        self.embed_scale = math.sqrt(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            [
+                BSBRLayer(
+                    hidden_dim,
+                    num_heads,
+                    chunk_size,
+                    ff_dim,
+                    dropout,
+                    compression_factor,
+                    chunk_overlap,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(hidden_dim)
+
+    def embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """Token embedding plus sinusoidal position embedding (``positions`` broadcastable)."""
+        x = self.embedding(input_ids) * self.embed_scale
+        return self.dropout(x + sinusoidal_positions(positions, self.hidden_dim, x.dtype))
+
+    def run_layers(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """All layers on a packed batch, with checkpointing when enabled and training."""
+        if self.use_checkpointing and self.training and not torch.jit.is_scripting():
+            return self._run_layers_checkpointed(x, mask)
+        for layer in self.layers:
+            x = layer.forward_packed(x, mask)
+        return x
+
+    @torch.jit.unused
+    def _run_layers_checkpointed(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.layers:
+            x = checkpoint(layer.forward_packed, x, mask, use_reentrant=False)
+        return x
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape [batch, seq_len], got {list(input_ids.shape)}"
+            )
+        b, n = input_ids.shape[0], input_ids.shape[1]
+        positions = torch.arange(n, device=input_ids.device)
+        if attention_mask is None:
+            return self.norm(self.run_layers(self.embed(input_ids, positions), None))
+        keep = _check_mask(attention_mask, b, n)
+        src, dest, packed_keep = packing_permutation(keep)
+        # Packed, every row's real tokens sit at positions 0, 1, ...: positions are plain arange.
+        x = self.embed(input_ids.gather(1, src), positions)
+        x = self.norm(self.run_layers(x, packed_keep))
+        x = torch.where(packed_keep.unsqueeze(-1), x, torch.zeros_like(x))
+        return gather_tokens(x, dest)
