@@ -49,12 +49,13 @@ def extension():
     debug = os.environ.get("BSBR_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = rel(glob.glob(os.path.join(ROOT, "cpp", "**", "*.cpp"), recursive=True))
-    cxx = opt + ["-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline and runs serially unless its OpenMP pragma is compiled.
+    cxx = opt + ["-fvisibility=hidden", "-fopenmp"]
     defines = [("BSBR_TORCH_VERSION", torch.__version__)]
     if not want_cuda():
         return cpp_extension.CppExtension(
             "bsbr_ext._C", sources, include_dirs=INCLUDE_DIRS,
-            extra_compile_args={"cxx": cxx}, define_macros=defines,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], define_macros=defines,
         )
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -75,9 +76,13 @@ def extension():
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ]
+    # torch's CUDA headers include cuSPARSE/cuBLAS headers; with pip's CUDA wheels they live in
+    # site-packages/nvidia/cu*/include rather than in the toolkit.
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    pip_cuda = [p for p in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(p)]
     return cpp_extension.CUDAExtension(
-        "bsbr_ext._C", sorted(sources), include_dirs=INCLUDE_DIRS + [os.path.join(ROOT, "cuda")],
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=defines,
+        "bsbr_ext._C", sorted(sources), include_dirs=INCLUDE_DIRS + [os.path.join(ROOT, "cuda")] + pip_cuda,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"], define_macros=defines,
     )
 
 

@@ -3,6 +3,7 @@
 // needs, so gradients also work from TorchScript and C++) and CompositeExplicitAutograd (every
 // backend below autograd: inference mode, traced graphs, Meta).
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "bsbr_common.h"
@@ -230,6 +231,13 @@ TORCH_LIBRARY_IMPL(bsbr, Autograd, m) {
   m.impl("chunk_states", &bsbr::chunk_states_autograd);
   m.impl("block_retrieval", &bsbr::block_retrieval_autograd);
   m.impl("chunk_attention", &bsbr::chunk_attention_autograd);
+  // The internal ops have no derivatives of their own (no double backward): differentiating
+  // through one raises instead of silently returning wrong gradients.
+  for (const char* name :
+       {"_bsbr_attention_fwd", "_bsbr_attention_bwd", "_chunk_states_fwd", "_chunk_states_bwd",
+        "_block_retrieval_fwd", "_block_retrieval_bwd", "_chunk_attention_fwd", "_chunk_attention_bwd"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 TORCH_LIBRARY_IMPL(bsbr, CompositeExplicitAutograd, m) {

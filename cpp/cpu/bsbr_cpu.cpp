@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "bsbr_common.h"
@@ -38,20 +39,30 @@ Chunk chunk_at(int64_t c, int64_t n, int64_t chunk_size, int64_t overlap) {
   return {start, std::min(start + chunk_size, n), std::max<int64_t>(0, start - overlap)};
 }
 
-// dst[i][j] = mul * src[i][j]: rows x cols from a row-major source with leading dim lds.
+// dst = mul * src for `rows` contiguous rows of `cols` elements, in acc_t.
 template <typename scalar_t, typename acc_t>
-void load(const scalar_t* src, int64_t lds, int64_t rows, int64_t cols, acc_t* dst, int64_t ldd,
-          acc_t mul = acc_t(1)) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[i * ldd + j] = mul * static_cast<acc_t>(src[i * lds + j]);
+void load(const scalar_t* src, int64_t rows, int64_t cols, acc_t* dst, acc_t mul = acc_t(1)) {
+  convert_scale(src, dst, rows * cols, mul);
 }
 
-// dst[j][i] = src[i][j]: the transposed tile, for products with a transposed operand.
+// Contiguous rows as acc_t: the input itself when it already is acc_t, else a converted copy.
+template <typename scalar_t, typename acc_t>
+const acc_t* rows_as_acc(const scalar_t* src, int64_t rows, int64_t cols, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    convert_scale(src, buf.data(), rows * cols, acc_t(1));
+    return buf.data();
+  }
+}
+
+// dst[j][i] = src[i][j]: the transposed tile, for products with a transposed right operand.
+// Writes are contiguous; the strided reads stay within a few KB of L1-resident lines.
 template <typename scalar_t, typename acc_t>
 void load_transposed(const scalar_t* src, int64_t lds, int64_t rows, int64_t cols, acc_t* dst,
                      int64_t ldd) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = static_cast<acc_t>(src[i * lds + j]);
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i < rows; ++i) dst[j * ldd + i] = static_cast<acc_t>(src[i * lds + j]);
 }
 
 template <typename acc_t>
@@ -79,25 +90,26 @@ Dims dims_of(const at::Tensor& q, const at::Tensor& q_state, int64_t chunk_size,
 // Scratch of one task: tiles of its chunk and window, sized for the largest chunk.
 template <typename acc_t>
 struct AttentionScratch {
-  int64_t cols;  // padded window width (leading dim of the score and transposed tiles)
-  std::vector<acc_t> q, kt, k, vt, v, scores, dscores, out, dout, qs, st, dqs, tr;
+  int64_t cols;  // window width rounded up to kColAlign: the most score columns computed
+  int64_t ld;    // leading dim of window-wide tiles; padded so their rows do not alias in L1
+  std::vector<acc_t> q, kt, k, vt, v, scores, dscores, out, dout, qs, st, dqs;
   AttentionScratch(const Dims& s, bool backward) {
     const int64_t rows = s.chunk_size, window = s.chunk_size + s.overlap;
     cols = round_up(window, kColAlign);
+    ld = cols + 16;
     q.resize(rows * s.d);
-    kt.resize(s.d * cols);
+    kt.resize(s.d * ld);
     v.resize(window * s.d);
-    scores.resize(rows * cols);
+    scores.resize(rows * ld);
     out.resize(rows * s.d);
     qs.resize(rows * s.ds);
     if (backward) {
       k.resize(window * s.d);
-      vt.resize(s.d * cols);
-      dscores.resize(rows * cols);
+      vt.resize(s.d * ld);
+      dscores.resize(rows * ld);
       dout.resize(rows * s.d);
       st.resize(s.d * s.ds);
       dqs.resize(rows * s.ds);
-      tr.resize(std::max(cols * rows, s.ds * rows));
     }
   }
 };
@@ -108,8 +120,8 @@ void window_scores(const Chunk& ch, int64_t d, AttentionScratch<acc_t>& w, acc_t
   for (int64_t i0 = 0; i0 < ch.rows(); i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, ch.rows() - i0);
     const int64_t cols = std::min(round_up(ch.overlap() + i0 + rows, kColAlign), w.cols);
-    zero(scores + i0 * w.cols, rows, cols, w.cols);
-    gemm_acc(rows, cols, d, w.q.data() + i0 * d, d, w.kt.data(), w.cols, scores + i0 * w.cols, w.cols);
+    zero(scores + i0 * w.ld, rows, cols, w.ld);
+    gemm_acc(rows, cols, d, w.q.data() + i0 * d, d, 1, w.kt.data(), w.ld, scores + i0 * w.ld, w.ld);
   }
 }
 
@@ -123,7 +135,7 @@ void window_product(const Chunk& ch, int64_t cols_total, int64_t d, const acc_t*
   for (int64_t i0 = 0; i0 < ch.rows(); i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, ch.rows() - i0);
     const int64_t keys = std::min(visible(ch, i0 + rows - 1), cols_total);
-    gemm_acc(rows, d, keys, p + i0 * ldp, ldp, v, d, out + i0 * d, d);
+    gemm_acc(rows, d, keys, p + i0 * ldp, ldp, 1, v, d, out + i0 * d, d);
   }
 }
 
@@ -144,25 +156,24 @@ void chunk_attention_fwd_kernel(const Dims& s, const at::Tensor& q, const at::Te
       const int64_t bh = task / s.num_chunks, c = task % s.num_chunks;
       const Chunk ch = chunk_at(c, s.n, s.chunk_size, s.overlap);
       const int64_t tok = bh * s.n;
-      load(qp + (tok + ch.start) * s.d, s.d, ch.rows(), s.d, w.q.data(), s.d, acc_t(scale));
-      load_transposed(kp + (tok + ch.window_start) * s.d, s.d, ch.window(), s.d, w.kt.data(), w.cols);
-      load(vp + (tok + ch.window_start) * s.d, s.d, ch.window(), s.d, w.v.data(), s.d);
+      load(qp + (tok + ch.start) * s.d, ch.rows(), s.d, w.q.data(), acc_t(scale));
+      load_transposed(kp + (tok + ch.window_start) * s.d, s.d, ch.window(), s.d, w.kt.data(), w.ld);
+      const acc_t* vb = rows_as_acc(vp + (tok + ch.window_start) * s.d, ch.window(), s.d, w.v);
       window_scores(ch, s.d, w, w.scores.data());
       for (int64_t i = 0; i < ch.rows(); ++i) {
-        acc_t* row = w.scores.data() + i * w.cols;
+        acc_t* row = w.scores.data() + i * w.ld;
         const int64_t keys = visible(ch, i);
-        const acc_t mx = *std::max_element(row, row + keys);
+        const acc_t mx = max_value(row, keys);
         const acc_t sum = exp_shift_sum(row, keys, mx);
-        const acc_t inv = acc_t(1) / sum;
-        for (int64_t j = 0; j < keys; ++j) row[j] *= inv;
+        convert_scale(row, row, keys, acc_t(1) / sum);
         std::fill(row + keys, row + std::min(visible(ch, i | (kRowBlock - 1)), w.cols), acc_t(0));
         lp[tok + ch.start + i] = mx + std::log(sum);
       }
       zero(w.out.data(), ch.rows(), s.d, s.d);
-      window_product(ch, w.cols, s.d, w.scores.data(), w.cols, w.v.data(), w.out.data());
+      window_product(ch, w.cols, s.d, w.scores.data(), w.ld, vb, w.out.data());
       // Long-range term: state_scale * q_state @ S_c.
-      load(qsp + (tok + ch.start) * s.ds, s.ds, ch.rows(), s.ds, w.qs.data(), s.ds, acc_t(state_scale));
-      gemm_acc(ch.rows(), s.d, s.ds, w.qs.data(), s.ds, sp + (bh * s.num_chunks + c) * s.ds * s.d, s.d,
+      load(qsp + (tok + ch.start) * s.ds, ch.rows(), s.ds, w.qs.data(), acc_t(state_scale));
+      gemm_acc(ch.rows(), s.d, s.ds, w.qs.data(), s.ds, 1, sp + (bh * s.num_chunks + c) * s.ds * s.d, s.d,
                w.out.data(), s.d);
       scalar_t* dst = op + (tok + ch.start) * s.d;
       for (int64_t x = 0; x < ch.rows() * s.d; ++x) dst[x] = static_cast<scalar_t>(w.out[x]);
@@ -209,46 +220,44 @@ AttentionGrads chunk_attention_bwd_kernel(
       const Chunk ch = chunk_at(c, s.n, s.chunk_size, s.overlap);
       const int64_t tok = bh * s.n, rows = ch.rows(), win = ch.window();
       const acc_t* state = sp + (bh * s.num_chunks + c) * s.ds * s.d;
-      load(qp + (tok + ch.start) * s.d, s.d, rows, s.d, w.q.data(), s.d, acc_t(scale));
-      load_transposed(kp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.kt.data(), w.cols);
-      load(kp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.k.data(), s.d);
-      load_transposed(vp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.vt.data(), w.cols);
-      load(gp + (tok + ch.start) * s.d, s.d, rows, s.d, w.dout.data(), s.d);
-      load(qsp + (tok + ch.start) * s.ds, s.ds, rows, s.ds, w.qs.data(), s.ds);
+      load(qp + (tok + ch.start) * s.d, rows, s.d, w.q.data(), acc_t(scale));
+      load_transposed(kp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.kt.data(), w.ld);
+      const acc_t* kb = rows_as_acc(kp + (tok + ch.window_start) * s.d, win, s.d, w.k);
+      load_transposed(vp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.vt.data(), w.ld);
+      const acc_t* dout = rows_as_acc(gp + (tok + ch.start) * s.d, rows, s.d, w.dout);
+      const acc_t* qs = rows_as_acc(qsp + (tok + ch.start) * s.ds, rows, s.ds, w.qs);
       transpose(s.ds, s.d, state, s.d, w.st.data(), s.ds);
 
       // dq_state = state_scale * dO @ S_c^T
       zero(w.dqs.data(), rows, s.ds, s.ds);
-      gemm_acc(rows, s.ds, s.d, w.dout.data(), s.d, w.st.data(), s.ds, w.dqs.data(), s.ds);
-      for (int64_t x = 0; x < rows * s.ds; ++x) w.dqs[x] *= acc_t(state_scale);
+      gemm_acc(rows, s.ds, s.d, dout, s.d, 1, w.st.data(), s.ds, w.dqs.data(), s.ds);
+      convert_scale(w.dqs.data(), w.dqs.data(), rows * s.ds, acc_t(state_scale));
       std::copy(w.dqs.begin(), w.dqs.begin() + rows * s.ds, dqs + (tok + ch.start) * s.ds);
       // dS_c = state_scale * q_state^T @ dO
-      transpose(rows, s.ds, w.qs.data(), s.ds, w.tr.data(), rows);
       acc_t* dstate = dsp + (bh * s.num_chunks + c) * s.ds * s.d;
       zero(dstate, s.ds, s.d, s.d);
-      gemm_acc(s.ds, s.d, rows, w.tr.data(), rows, w.dout.data(), s.d, dstate, s.d);
-      for (int64_t x = 0; x < s.ds * s.d; ++x) dstate[x] *= acc_t(state_scale);
+      gemm_acc(s.ds, s.d, rows, qs, 1, s.ds, dout, s.d, dstate, s.d);
+      convert_scale(dstate, dstate, s.ds * s.d, acc_t(state_scale));
 
       // P from the saved lse; dP = dO @ V^T over the same causal blocks.
       window_scores(ch, s.d, w, w.scores.data());
       for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock) {
         const int64_t r = std::min(kRowBlock, rows - i0);
         const int64_t cols = std::min(round_up(ch.overlap() + i0 + r, kColAlign), w.cols);
-        zero(w.dscores.data() + i0 * w.cols, r, cols, w.cols);
-        gemm_acc(r, cols, s.d, w.dout.data() + i0 * s.d, s.d, w.vt.data(), w.cols,
-                 w.dscores.data() + i0 * w.cols, w.cols);
+        zero(w.dscores.data() + i0 * w.ld, r, cols, w.ld);
+        gemm_acc(r, cols, s.d, dout + i0 * s.d, s.d, 1, w.vt.data(), w.ld,
+                 w.dscores.data() + i0 * w.ld, w.ld);
       }
       for (int64_t i = 0; i < rows; ++i) {
-        acc_t* p = w.scores.data() + i * w.cols;
-        acc_t* dp = w.dscores.data() + i * w.cols;
+        acc_t* p = w.scores.data() + i * w.ld;
+        acc_t* dp = w.dscores.data() + i * w.ld;
         const int64_t keys = visible(ch, i);
         const acc_t l = lp[tok + ch.start + i];
-        for (int64_t j = 0; j < keys; ++j) p[j] -= l;
-        exp_shift_sum(p, keys, acc_t(0));
+        exp_shift_sum(p, keys, l);
         // D_i = <dO_i, O_local_i> = <dO_i, out_i> - <q_state_i, dq_state_i>
-        acc_t delta = -dot(w.qs.data() + i * s.ds, w.dqs.data() + i * s.ds, s.ds);
+        acc_t delta = -dot(qs + i * s.ds, w.dqs.data() + i * s.ds, s.ds);
         const scalar_t* orow = op + (tok + ch.start + i) * s.d;
-        for (int64_t e = 0; e < s.d; ++e) delta += w.dout[i * s.d + e] * static_cast<acc_t>(orow[e]);
+        for (int64_t e = 0; e < s.d; ++e) delta += dout[i * s.d + e] * static_cast<acc_t>(orow[e]);
         for (int64_t j = 0; j < keys; ++j) dp[j] = p[j] * (dp[j] - delta);
         // Whole rows: the transposed products below read every window column.
         std::fill(p + keys, p + win, acc_t(0));
@@ -256,16 +265,14 @@ AttentionGrads chunk_attention_bwd_kernel(
       }
       // dq = scale * dS @ K
       zero(w.out.data(), rows, s.d, s.d);
-      window_product(ch, w.cols, s.d, w.dscores.data(), w.cols, w.k.data(), w.out.data());
+      window_product(ch, w.cols, s.d, w.dscores.data(), w.ld, kb, w.out.data());
       acc_t* dq_rows = dq + (tok + ch.start) * s.d;
-      for (int64_t x = 0; x < rows * s.d; ++x) dq_rows[x] = acc_t(scale) * w.out[x];
-      // dK_window = dS^T @ (scale * Q), dV_window = P^T @ dO
-      transpose(rows, win, w.dscores.data(), w.cols, w.tr.data(), rows);
+      convert_scale(w.out.data(), dq_rows, rows * s.d, acc_t(scale));
+      // dK_window = dS^T @ (scale * Q), dV_window = P^T @ dO (A read transposed in place)
       zero(dk_win.data(), win, s.d, s.d);
-      gemm_acc(win, s.d, rows, w.tr.data(), rows, w.q.data(), s.d, dk_win.data(), s.d);
-      transpose(rows, win, w.scores.data(), w.cols, w.tr.data(), rows);
+      gemm_acc(win, s.d, rows, w.dscores.data(), 1, w.ld, w.q.data(), s.d, dk_win.data(), s.d);
       zero(dv_win.data(), win, s.d, s.d);
-      gemm_acc(win, s.d, rows, w.tr.data(), rows, w.dout.data(), s.d, dv_win.data(), s.d);
+      gemm_acc(win, s.d, rows, w.scores.data(), 1, w.ld, dout, s.d, dv_win.data(), s.d);
       const int64_t spill = ch.overlap() * s.d;
       std::copy(dk_win.begin(), dk_win.begin() + spill, spk + task * s.overlap * s.d);
       std::copy(dv_win.begin(), dv_win.begin() + spill, spv + task * s.overlap * s.d);
@@ -300,16 +307,16 @@ void chunk_states_fwd_kernel(const at::Tensor& k_state, const at::Tensor& v, int
   const scalar_t *kp = ptr<scalar_t>(k_state), *vp = ptr<scalar_t>(v);
   acc_t* fp = mut<acc_t>(states);
   at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kt(ds * chunk_size), vt(chunk_size * d);
+    std::vector<acc_t> kb(chunk_size * ds), vb(chunk_size * d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_chunks, c = task % num_chunks;
       const Chunk ch = chunk_at(c, n, chunk_size, 0);
       const int64_t tok = b * n + ch.start, rows = ch.rows();
-      load_transposed(kp + tok * ds, ds, rows, ds, kt.data(), rows);
-      load(vp + tok * d, d, rows, d, vt.data(), d);
+      const acc_t* ks = rows_as_acc(kp + tok * ds, rows, ds, kb);
+      const acc_t* vs = rows_as_acc(vp + tok * d, rows, d, vb);
       acc_t* f = fp + task * ds * d;
       zero(f, ds, d, d);
-      gemm_acc(ds, d, rows, kt.data(), rows, vt.data(), d, f, d);
+      gemm_acc(ds, d, rows, ks, 1, ds, vs, d, f, d);
     }
   });
 }
@@ -334,13 +341,13 @@ std::pair<at::Tensor, at::Tensor> chunk_states_bwd_kernel(const at::Tensor& grad
       const Chunk ch = chunk_at(c, n, chunk_size, 0);
       const int64_t tok = b * n + ch.start, rows = ch.rows();
       const acc_t* g = gp + task * ds * d;
-      load(kp + tok * ds, ds, rows, ds, kb.data(), ds);
-      load(vp + tok * d, d, rows, d, vb.data(), d);
+      const acc_t* ks = rows_as_acc(kp + tok * ds, rows, ds, kb);
+      const acc_t* vs = rows_as_acc(vp + tok * d, rows, d, vb);
       transpose(ds, d, g, d, gt.data(), ds);
       zero(dkp + tok * ds, rows, ds, ds);
-      gemm_acc(rows, ds, d, vb.data(), d, gt.data(), ds, dkp + tok * ds, ds);
+      gemm_acc(rows, ds, d, vs, d, 1, gt.data(), ds, dkp + tok * ds, ds);
       zero(dvp + tok * d, rows, d, d);
-      gemm_acc(rows, d, ds, kb.data(), ds, g, d, dvp + tok * d, d);
+      gemm_acc(rows, d, ds, ks, ds, 1, g, d, dvp + tok * d, d);
     }
   });
   return {dks, dv};
@@ -379,7 +386,7 @@ void block_retrieval_fwd_kernel(const at::Tensor& meta_q, const at::Tensor& meta
       retrieval_row(mqp + b * num_chunks * dm, mkp + b * num_chunks * dm, c, dm, meta_scale, p.data());
       acc_t* out = sp + task * width;
       zero(out, 1, width, width);
-      gemm_acc(1, width, c, p.data(), c, fp + b * num_chunks * width, width, out, width);
+      gemm_acc(1, width, c, p.data(), c, 1, fp + b * num_chunks * width, width, out, width);
     }
   });
 }

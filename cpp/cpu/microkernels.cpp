@@ -10,14 +10,15 @@ namespace {
 // element of C is loaded and stored once; B's row segment is shared by the kRows rows.
 template <typename T, int kRows, int kCols>
 inline __attribute__((always_inline)) void tile(
-    int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
+    int64_t kdim, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
+    int64_t ldc) {
   T acc[kRows][kCols];
   for (int r = 0; r < kRows; ++r)
     for (int j = 0; j < kCols; ++j) acc[r][j] = c[r * ldc + j];
   for (int64_t k = 0; k < kdim; ++k) {
     const T* brow = b + k * ldb;
     for (int r = 0; r < kRows; ++r) {
-      const T ar = a[r * lda + k];
+      const T ar = a[r * a_row + k * a_col];
       for (int j = 0; j < kCols; ++j) acc[r][j] += ar * brow[j];
     }
   }
@@ -28,12 +29,12 @@ inline __attribute__((always_inline)) void tile(
 // Edge rows/columns: plain loops, the inner one contiguous in C and B.
 template <typename T>
 inline __attribute__((always_inline)) void edge(
-    int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-    int64_t ldc) {
+    int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_row, int64_t a_col, const T* b,
+    int64_t ldb, T* c, int64_t ldc) {
   for (int64_t i = 0; i < m; ++i) {
     T* crow = c + i * ldc;
     for (int64_t k = 0; k < kdim; ++k) {
-      const T ai = a[i * lda + k];
+      const T ai = a[i * a_row + k * a_col];
       const T* brow = b + k * ldb;
       for (int64_t j = 0; j < n; ++j) crow[j] += ai * brow[j];
     }
@@ -42,19 +43,21 @@ inline __attribute__((always_inline)) void edge(
 
 template <typename T>
 inline __attribute__((always_inline)) void gemm_impl(
-    int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-    int64_t ldc) {
+    int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_row, int64_t a_col, const T* b,
+    int64_t ldb, T* c, int64_t ldc) {
   constexpr int kRows = 4;
   constexpr int kCols = 64 / sizeof(T) * 2;  // two 64-byte vectors per row
   const int64_t m_main = m - m % kRows;
   const int64_t n_main = n - n % kCols;
   for (int64_t i = 0; i < m_main; i += kRows) {
     for (int64_t j = 0; j < n_main; j += kCols) {
-      tile<T, kRows, kCols>(kdim, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc);
+      tile<T, kRows, kCols>(kdim, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc);
     }
-    if (n_main < n) edge(kRows, n - n_main, kdim, a + i * lda, lda, b + n_main, ldb, c + i * ldc + n_main, ldc);
+    if (n_main < n) {
+      edge(kRows, n - n_main, kdim, a + i * a_row, a_row, a_col, b + n_main, ldb, c + i * ldc + n_main, ldc);
+    }
   }
-  if (m_main < m) edge(m - m_main, n, kdim, a + m_main * lda, lda, b, ldb, c + m_main * ldc, ldc);
+  if (m_main < m) edge(m - m_main, n, kdim, a + m_main * a_row, a_row, a_col, b, ldb, c + m_main * ldc, ldc);
 }
 
 // exp(x) for x <= 0 as 2^i * e^r with |r| <= ln2/2 and a degree-7 Taylor polynomial (relative
@@ -106,7 +109,58 @@ inline __attribute__((always_inline)) T sum_impl(const T* x, int64_t n) {
   return sum;
 }
 
+template <typename T>
+inline __attribute__((always_inline)) T max_impl(const T* x, int64_t n) {
+  constexpr int kLanes = 16;
+  T partial[kLanes];
+  for (int l = 0; l < kLanes; ++l) partial[l] = x[0];
+  const int64_t main = n - n % kLanes;
+  for (int64_t j = 0; j < main; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) partial[l] = partial[l] > x[j + l] ? partial[l] : x[j + l];
+  T mx = x[0];
+  for (int64_t j = main; j < n; ++j) mx = mx > x[j] ? mx : x[j];
+  for (int l = 0; l < kLanes; ++l) mx = mx > partial[l] ? mx : partial[l];
+  return mx;
+}
+
+template <typename S, typename T>
+inline __attribute__((always_inline)) void convert_scale_impl(const S* src, T* dst, int64_t n, T mul) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = mul * static_cast<T>(src[j]);
+}
+
 }  // namespace
+
+BSBR_MULTIVERSION
+void convert_scale(const float* src, float* dst, int64_t n, float mul) {
+  convert_scale_impl(src, dst, n, mul);
+}
+
+BSBR_MULTIVERSION
+void convert_scale(const double* src, double* dst, int64_t n, double mul) {
+  convert_scale_impl(src, dst, n, mul);
+}
+
+BSBR_MULTIVERSION
+void convert_scale(const c10::BFloat16* src, float* dst, int64_t n, float mul) {
+  // bf16 is the top half of an fp32: widen the bits (vectorises, unlike a per-element call).
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t wide = static_cast<uint32_t>(bits[j]) << 16;
+    float value;
+    std::memcpy(&value, &wide, sizeof(value));
+    dst[j] = mul * value;
+  }
+}
+
+void convert_scale(const c10::Half* src, float* dst, int64_t n, float mul) {
+  convert_scale_impl(src, dst, n, mul);
+}
+
+BSBR_MULTIVERSION
+float max_value(const float* x, int64_t n) { return max_impl(x, n); }
+
+BSBR_MULTIVERSION
+double max_value(const double* x, int64_t n) { return max_impl(x, n); }
 
 BSBR_MULTIVERSION
 float exp_shift_sum(float* x, int64_t n, float shift) {
@@ -130,15 +184,15 @@ BSBR_MULTIVERSION
 double dot(const double* x, const double* y, int64_t n) { return dot_impl(x, y, n); }
 
 BSBR_MULTIVERSION
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t lda, const float* b,
-              int64_t ldb, float* c, int64_t ldc) {
-  gemm_impl(m, n, kdim, a, lda, b, ldb, c, ldc);
+void gemm_acc(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t a_row, int64_t a_col,
+              const float* b, int64_t ldb, float* c, int64_t ldc) {
+  gemm_impl(m, n, kdim, a, a_row, a_col, b, ldb, c, ldc);
 }
 
 BSBR_MULTIVERSION
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t lda, const double* b,
-              int64_t ldb, double* c, int64_t ldc) {
-  gemm_impl(m, n, kdim, a, lda, b, ldb, c, ldc);
+void gemm_acc(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t a_row, int64_t a_col,
+              const double* b, int64_t ldb, double* c, int64_t ldc) {
+  gemm_impl(m, n, kdim, a, a_row, a_col, b, ldb, c, ldc);
 }
 
 }  // namespace bsbr::cpu

@@ -4,6 +4,9 @@
 // compiler's default target is used.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
@@ -15,16 +18,28 @@
 
 namespace bsbr::cpu {
 
-// C[i][j] += sum_k A[i][k] * B[k][j] for i < m, j < n, k < kdim (all row-major, leading dims).
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t lda, const float* b,
-              int64_t ldb, float* c, int64_t ldc);
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t lda, const double* b,
-              int64_t ldb, double* c, int64_t ldc);
+// C[i][j] += sum_k A(i, k) * B[k][j] for i < m, j < n, k < kdim, where A(i, k) is
+// a[i * a_row + k * a_col] (so A may be stored transposed: no transposition copy needed) and B
+// and C are row-major with leading dims ldb and ldc.
+void gemm_acc(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t a_row, int64_t a_col,
+              const float* b, int64_t ldb, float* c, int64_t ldc);
+void gemm_acc(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t a_row, int64_t a_col,
+              const double* b, int64_t ldb, double* c, int64_t ldc);
 
 // x[j] = exp(x[j] - shift) for j < n; returns the sum. Accurate to a few ulp (vectorisable
 // polynomial exp instead of libm's scalar one, which would dominate the softmax).
 float exp_shift_sum(float* x, int64_t n, float shift);
 double exp_shift_sum(double* x, int64_t n, double shift);
+
+// dst[j] = mul * src[j], converting to the accumulation type (src == dst is allowed).
+void convert_scale(const float* src, float* dst, int64_t n, float mul);
+void convert_scale(const double* src, double* dst, int64_t n, double mul);
+void convert_scale(const c10::BFloat16* src, float* dst, int64_t n, float mul);
+void convert_scale(const c10::Half* src, float* dst, int64_t n, float mul);
+
+// max_j x[j] for n >= 1
+float max_value(const float* x, int64_t n);
+double max_value(const double* x, int64_t n);
 
 // sum_j x[j] * y[j]
 float dot(const float* x, const float* y, int64_t n);
