@@ -139,6 +139,18 @@ void window_product(const Chunk& ch, int64_t cols_total, int64_t d, const acc_t*
   }
 }
 
+// out[j] += sum_i p[i][j] x[i] for the window keys j (p read transposed in place); key j is seen
+// only by rows i >= j - overlap, so each key block skips the rows before that.
+template <typename acc_t>
+void window_product_transposed(const Chunk& ch, int64_t d, const acc_t* p, int64_t ldp, const acc_t* x,
+                               acc_t* out) {
+  for (int64_t j0 = 0; j0 < ch.window(); j0 += kRowBlock) {
+    const int64_t keys = std::min(kRowBlock, ch.window() - j0);
+    const int64_t first = std::max<int64_t>(0, j0 - ch.overlap());
+    gemm_acc(keys, d, ch.rows() - first, p + first * ldp + j0, 1, ldp, x + first * d, d, out + j0 * d, d);
+  }
+}
+
 template <typename scalar_t>
 void chunk_attention_fwd_kernel(const Dims& s, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& q_state,
@@ -270,9 +282,9 @@ AttentionGrads chunk_attention_bwd_kernel(
       convert_scale(w.out.data(), dq_rows, rows * s.d, acc_t(scale));
       // dK_window = dS^T @ (scale * Q), dV_window = P^T @ dO (A read transposed in place)
       zero(dk_win.data(), win, s.d, s.d);
-      gemm_acc(win, s.d, rows, w.dscores.data(), 1, w.ld, w.q.data(), s.d, dk_win.data(), s.d);
+      window_product_transposed(ch, s.d, w.dscores.data(), w.ld, w.q.data(), dk_win.data());
       zero(dv_win.data(), win, s.d, s.d);
-      gemm_acc(win, s.d, rows, w.scores.data(), 1, w.ld, dout, s.d, dv_win.data(), s.d);
+      window_product_transposed(ch, s.d, w.scores.data(), w.ld, dout, dv_win.data());
       const int64_t spill = ch.overlap() * s.d;
       std::copy(dk_win.begin(), dk_win.begin() + spill, spk + task * s.overlap * s.d);
       std::copy(dv_win.begin(), dv_win.begin() + spill, spv + task * s.overlap * s.d);
@@ -370,23 +382,42 @@ void retrieval_row(const scalar_t* mq, const scalar_t* mk, int64_t c, int64_t dm
   for (int64_t j = 0; j < c; ++j) p[j] *= inv;
 }
 
+// Retrieval works on blocks of kRowBlock chunks so that mixing states (C x C weights times
+// C x ds*d states) runs as register-tiled products instead of one streaming pass per chunk.
+int64_t row_blocks(int64_t num_chunks) { return (num_chunks + kRowBlock - 1) / kRowBlock; }
+
+// Weights p[c][0..C) of chunks [c0, c1) of one (batch, head); entries j >= c are zero.
+template <typename scalar_t, typename acc_t>
+void retrieval_block(const scalar_t* mq, const scalar_t* mk, int64_t c0, int64_t c1, int64_t num_chunks,
+                     int64_t dm, double meta_scale, acc_t* p) {
+  for (int64_t c = c0; c < c1; ++c) {
+    acc_t* row = p + c * num_chunks;
+    std::fill(row, row + num_chunks, acc_t(0));
+    retrieval_row(mq, mk, c, dm, meta_scale, row);
+  }
+}
+
 template <typename scalar_t>
 void block_retrieval_fwd_kernel(const at::Tensor& meta_q, const at::Tensor& meta_k,
                                 const at::Tensor& states, double meta_scale, at::Tensor& retrieved) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t bh = states.size(0) * states.size(1), num_chunks = states.size(2),
-                width = states.size(3) * states.size(4), dm = meta_q.size(3);
+                width = states.size(3) * states.size(4), dm = meta_q.size(3), blocks = row_blocks(num_chunks);
   const scalar_t *mqp = ptr<scalar_t>(meta_q), *mkp = ptr<scalar_t>(meta_k);
   const acc_t* fp = ptr<acc_t>(states);
   acc_t* sp = mut<acc_t>(retrieved);
-  at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> p(num_chunks);
+  at::parallel_for(0, bh * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> p(num_chunks * num_chunks);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_chunks, c = task % num_chunks;
-      retrieval_row(mqp + b * num_chunks * dm, mkp + b * num_chunks * dm, c, dm, meta_scale, p.data());
-      acc_t* out = sp + task * width;
-      zero(out, 1, width, width);
-      gemm_acc(1, width, c, p.data(), c, 1, fp + b * num_chunks * width, width, out, width);
+      const int64_t b = task / blocks, c0 = task % blocks * kRowBlock;
+      const int64_t c1 = std::min(c0 + kRowBlock, num_chunks);
+      retrieval_block(mqp + b * num_chunks * dm, mkp + b * num_chunks * dm, c0, c1, num_chunks, dm,
+                      meta_scale, p.data());
+      acc_t* out = sp + (b * num_chunks + c0) * width;
+      zero(out, c1 - c0, width, width);
+      // Chunks [c0, c1) read only chunks before c1 - 1.
+      gemm_acc(c1 - c0, width, c1 - 1, p.data() + c0 * num_chunks, num_chunks, 1,
+               fp + b * num_chunks * width, width, out, width);
     }
   });
 }
@@ -397,51 +428,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_retrieval_bwd_kernel(
     const at::Tensor& states, double meta_scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t bh = states.size(0) * states.size(1), num_chunks = states.size(2),
-                width = states.size(3) * states.size(4), dm = meta_q.size(3);
+                width = states.size(3) * states.size(4), dm = meta_q.size(3), blocks = row_blocks(num_chunks);
   const auto acc_opts = states.options();
   auto dmq = at::empty({bh, num_chunks, dm}, acc_opts), dmk = at::empty({bh, num_chunks, dm}, acc_opts);
   auto dstates = at::empty({bh, num_chunks, width}, acc_opts);
-  // Row c of p and of the logit gradient da, kept for the column pass.
-  auto p_all = at::zeros({bh, num_chunks, num_chunks}, acc_opts), da_all = at::zeros_like(p_all);
+  // p and the logit gradient da of every (batch, head), kept for the column pass; states
+  // transposed so that dP = dS @ F^T is a plain product.
+  auto p_all = at::empty({bh, num_chunks, num_chunks}, acc_opts), da_all = at::zeros_like(p_all);
+  auto states_t = at::empty({bh, width, num_chunks}, acc_opts);
   const scalar_t *mqp = ptr<scalar_t>(meta_q), *mkp = ptr<scalar_t>(meta_k);
   const acc_t *fp = ptr<acc_t>(states), *gp = ptr<acc_t>(grad_retrieved);
   acc_t *dmqp = mut<acc_t>(dmq), *dmkp = mut<acc_t>(dmk), *dfp = mut<acc_t>(dstates),
-        *pp = mut<acc_t>(p_all), *dap = mut<acc_t>(da_all);
+        *pp = mut<acc_t>(p_all), *dap = mut<acc_t>(da_all), *ftp = mut<acc_t>(states_t);
   const int64_t cc = num_chunks * num_chunks;
-  // Rows: dP_cj = <dS_c, F_j>, da = p * (dP - <p, dP>), dmeta_q_c = meta_scale * da_c @ meta_k.
-  at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_chunks, c = task % num_chunks;
-      const scalar_t *mq = mqp + b * num_chunks * dm, *mk = mkp + b * num_chunks * dm;
-      acc_t *p = pp + b * cc + c * num_chunks, *da = dap + b * cc + c * num_chunks;
-      retrieval_row(mq, mk, c, dm, meta_scale, p);
-      acc_t weighted = 0;
-      for (int64_t j = 0; j < c; ++j) {
-        da[j] = dot(gp + task * width, fp + (b * num_chunks + j) * width, width);
-        weighted += p[j] * da[j];
-      }
-      acc_t* g = dmqp + task * dm;
-      std::fill(g, g + dm, acc_t(0));
-      for (int64_t j = 0; j < c; ++j) {
-        da[j] = p[j] * (da[j] - weighted);
-        for (int64_t e = 0; e < dm; ++e) g[e] += acc_t(meta_scale) * da[j] * static_cast<acc_t>(mk[j * dm + e]);
-      }
+  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      transpose(num_chunks, width, fp + b * num_chunks * width, width, ftp + b * width * num_chunks, num_chunks);
     }
   });
-  // Columns: dF_j = sum_{c>j} p_cj dS_c, dmeta_k_j = meta_scale * sum_{c>j} da_cj meta_q_c.
-  at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
+  // Row blocks: dP = dS @ F^T, da = p * (dP - <p, dP>), dmeta_q = meta_scale * da @ meta_k.
+  at::parallel_for(0, bh * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mk_buf(num_chunks * dm);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_chunks, j = task % num_chunks;
-      const scalar_t* mq = mqp + b * num_chunks * dm;
-      acc_t* df = dfp + task * width;
-      acc_t* g = dmkp + task * dm;
-      std::fill(df, df + width, acc_t(0));
-      std::fill(g, g + dm, acc_t(0));
-      for (int64_t c = j + 1; c < num_chunks; ++c) {
-        const acc_t pc = pp[b * cc + c * num_chunks + j], dac = dap[b * cc + c * num_chunks + j];
-        const acc_t* gs = gp + (b * num_chunks + c) * width;
-        for (int64_t x = 0; x < width; ++x) df[x] += pc * gs[x];
-        for (int64_t e = 0; e < dm; ++e) g[e] += acc_t(meta_scale) * dac * static_cast<acc_t>(mq[c * dm + e]);
+      const int64_t b = task / blocks, c0 = task % blocks * kRowBlock;
+      const int64_t c1 = std::min(c0 + kRowBlock, num_chunks);
+      const scalar_t *mq = mqp + b * num_chunks * dm, *mk = mkp + b * num_chunks * dm;
+      acc_t *p = pp + b * cc, *da = dap + b * cc;
+      retrieval_block(mq, mk, c0, c1, num_chunks, dm, meta_scale, p);
+      gemm_acc(c1 - c0, c1 - 1, width, gp + (b * num_chunks + c0) * width, width, 1,
+               ftp + b * width * num_chunks, num_chunks, da + c0 * num_chunks, num_chunks);
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t *prow = p + c * num_chunks, *darow = da + c * num_chunks;
+        const acc_t weighted = dot(prow, darow, c);
+        for (int64_t j = 0; j < num_chunks; ++j) {
+          darow[j] = j < c ? acc_t(meta_scale) * prow[j] * (darow[j] - weighted) : acc_t(0);
+        }
+      }
+      // da holds meta_scale * dlogits from here on.
+      const acc_t* mk_acc = rows_as_acc(mk, num_chunks, dm, mk_buf);
+      acc_t* g = dmqp + (b * num_chunks + c0) * dm;
+      zero(g, c1 - c0, dm, dm);
+      gemm_acc(c1 - c0, dm, c1 - 1, da + c0 * num_chunks, num_chunks, 1, mk_acc, dm, g, dm);
+    }
+  });
+  // Column blocks: dF = p^T @ dS and dmeta_k = meta_scale * da^T @ meta_q, over rows c > j.
+  at::parallel_for(0, bh * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mq_buf(num_chunks * dm);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, j0 = task % blocks * kRowBlock;
+      const int64_t j1 = std::min(j0 + kRowBlock, num_chunks);
+      acc_t* df = dfp + (b * num_chunks + j0) * width;
+      zero(df, j1 - j0, width, width);
+      // Rows c > j0 can weigh chunks of this block; p is read transposed in place.
+      const int64_t first = j0 + 1;
+      acc_t* g = dmkp + (b * num_chunks + j0) * dm;
+      zero(g, j1 - j0, dm, dm);
+      if (first < num_chunks) {
+        gemm_acc(j1 - j0, width, num_chunks - first, pp + b * cc + first * num_chunks + j0, 1, num_chunks,
+                 gp + (b * num_chunks + first) * width, width, df, width);
+        const acc_t* mq_acc = rows_as_acc(mqp + b * num_chunks * dm, num_chunks, dm, mq_buf);
+        gemm_acc(j1 - j0, dm, num_chunks - first, dap + b * cc + first * num_chunks + j0, 1, num_chunks,
+                 mq_acc + first * dm, dm, g, dm);
       }
     }
   });

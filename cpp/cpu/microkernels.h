@@ -45,11 +45,18 @@ double max_value(const double* x, int64_t n);
 float dot(const float* x, const float* y, int64_t n);
 double dot(const double* x, const double* y, int64_t n);
 
-// dst[j][i] = src[i][j] for i < rows, j < cols.
+// dst[j][i] = src[i][j] for i < rows, j < cols, in 16 x 16 blocks so that both the reads and the
+// writes of a block stay within a few cache lines.
 template <typename T>
 inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    const int64_t i1 = i0 + kBlock < rows ? i0 + kBlock : rows;
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < cols ? j0 + kBlock : cols;
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * ldd + i] = src[i * lds + j];
+    }
   }
 }
 
