@@ -14,8 +14,13 @@ import os
 import re
 
 from setuptools import find_packages, setup
-import torch
-from torch.utils import cpp_extension
+# torch locates the toolkit from `nvcc` on PATH before trying /usr/local/cuda; a wrapper script
+# such as /usr/local/bin/nvcc would make it look for CUDA's headers and libraries in /usr/local.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HEAD_DIMS = (32, 64, 128)

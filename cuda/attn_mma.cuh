@@ -1,0 +1,812 @@
+// Tensor-core (mma.sync m16n8k16, fp32 accumulate) kernels for fp16 / bf16: local window attention
+// forward (with the long-range state term fused in the epilogue), dQ, and dK/dV.
+//
+// All three share one shape: a CTA of 4 warps owns 64 "M-side" rows (queries for fwd/dQ, keys for
+// dK/dV), one warp per 16 rows, and streams "N-side" tiles through a 2-stage cp.async pipeline.
+// Because each warp's 16 rows are its M operand, every product keeps its accumulator in the layout
+// that the next product needs as an A operand (the FlashAttention-2 register trick):
+//   fwd:  S = Q K^T -> P -> O += P V
+//   dQ:   S = Q K^T, dP = dO V^T -> dS -> dQ += dS K
+//   dKV:  S^T = K Q^T, dP^T = V dO^T -> P^T, dS^T -> dV += P^T dO, dK += dS^T Q
+// so no product goes through shared memory, and dK/dV (key-owned) and dQ (query-owned) are
+// computed without atomics: the backward is bitwise deterministic.
+//
+// Shared-memory rows are padded by 8 elements (16 bytes): ldmatrix then reads 8 rows whose
+// addresses fall in distinct bank groups.
+#pragma once
+
+#include "kernel_utils.cuh"
+
+namespace bsbr_cuda {
+namespace mma {
+
+constexpr int kThreads = 128;
+constexpr int kBM = 64;
+
+template <int D> struct Cfg {
+  static constexpr int SD = D + 8;           // padded smem row (elements)
+  static constexpr int BN_FWD = 64;          // keys per tile, forward
+  static constexpr int BN_BWD = D <= 64 ? 64 : 32;  // N tile, backward (register budget)
+};
+
+template <typename T>
+__device__ __forceinline__ const T* head_ptr(const void* base, const Strides& s, int bi, int hi) {
+  return static_cast<const T*>(base) + bi * s.b + hi * s.h;
+}
+
+// Async copy of rows [r0, r0 + ROWS) of a [n, D] strided matrix; rows outside [0, n) read as 0.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_rows(T* s, const T* base, int64_t stride_n, int r0, int n) {
+  constexpr int CPR = D / 8;  // 16-byte pieces per row
+  constexpr int SD = Cfg<D>::SD;
+#pragma unroll
+  for (int idx = threadIdx.x; idx < ROWS * CPR; idx += kThreads) {
+    const int r = idx / CPR, c = idx % CPR;
+    const int t = r0 + r;
+    const bool ok = t >= 0 && t < n;
+    const T* src = ok ? base + (int64_t)t * stride_n + c * 8 : base;
+    cp_async16(s + r * SD + c * 8, src, ok);
+  }
+}
+
+// ldmatrix address of lane for an A operand (16 rows x 16 cols) at (row0, col0) of a row-major tile.
+template <int SD>
+__device__ __forceinline__ int a_off(int lane, int row0, int col0) {
+  return (row0 + (lane % 16)) * SD + col0 + (lane / 16) * 8;
+}
+// B operand for two n8 tiles from a tile stored [n][k] (rows = n): regs {0,1} n-tile 0, {2,3} 1.
+template <int SD>
+__device__ __forceinline__ int bnk_off(int lane, int n0, int k0) {
+  return (n0 + (lane / 16) * 8 + lane % 8) * SD + k0 + ((lane / 8) % 2) * 8;
+}
+// B operand for two n8 tiles from a tile stored [k][n] (rows = k), with ldmatrix.trans.
+template <int SD>
+__device__ __forceinline__ int bkn_off(int lane, int k0, int n0) {
+  return (k0 + ((lane / 8) % 2) * 8 + lane % 8) * SD + n0 + (lane / 16) * 8;
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnParams p) {
+  constexpr int SD = Cfg<D>::SD, BN = Cfg<D>::BN_FWD, NT = BN / 8, DT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBM * SD;      // [2][BN][SD]
+  T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
+
+  const int ntile = cdiv(p.n, kBM);
+  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
+  const int bi = bh / p.h, hi = bh % p.h;
+  const int n = p.n, B = p.chunk, w = p.overlap;
+  const int m0 = tile * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tw = m0 + warp * 16;  // 16 | B, so a warp's rows share one chunk
+  const bool warp_ok = tw < n;
+  const int cw = min(tw, n - 1) / B;
+  const int lo_w = max(0, cw * B - w);
+  const int ra = tw + lane / 4, rb = ra + 8;
+
+  const T* qb = head_ptr<T>(p.q, p.q_st, bi, hi);
+  const T* kb = head_ptr<T>(p.k, p.k_st, bi, hi);
+  const T* vb = head_ptr<T>(p.v, p.v_st, bi, hi);
+  const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + kBM);
+  const int nkv = cdiv(kv_hi - kv_lo, BN);
+
+  load_rows<T, D, kBM>(sQ, qb, p.q_st.n, m0, n);
+  load_rows<T, D, BN>(sK, kb, p.k_st.n, kv_lo, n);
+  load_rows<T, D, BN>(sV, vb, p.v_st.n, kv_lo, n);
+  cp_async_commit();
+
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+  uint32_t qf[D / 16][4];
+  const float sl2 = p.scale * kLog2e;
+
+  for (int j = 0; j < nkv; ++j) {
+    const int n0 = kv_lo + j * BN;
+    if (j + 1 < nkv) {
+      const int st = (j + 1) & 1;
+      load_rows<T, D, BN>(sK + st * BN * SD, kb, p.k_st.n, n0 + BN, n);
+      load_rows<T, D, BN>(sV + st * BN * SD, vb, p.v_st.n, n0 + BN, n);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + a_off<SD>(lane, warp * 16, kk * 16));
+    }
+    const T* sKs = sK + (j & 1) * BN * SD;
+    const T* sVs = sV + (j & 1) * BN * SD;
+    const bool active = warp_ok && n0 <= tw + 15 && n0 + BN - 1 >= lo_w;
+    if (active) {
+      float s[NT][4];
+#pragma unroll
+      for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+          uint32_t b[4];
+          ldsm_x4(b, sKs + bnk_off<SD>(lane, nn * 16, kk * 16));
+          mma16816<T>(s[2 * nn], qf[kk], b[0], b[1]);
+          mma16816<T>(s[2 * nn + 1], qf[kk], b[2], b[3]);
+        }
+      }
+      float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+      for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = e < 2 ? ra : rb;
+          const int key = n0 + jj * 8 + (lane % 4) * 2 + (e & 1);
+          const bool valid = key <= row && key >= lo_w && key < n;
+          s[jj][e] = valid ? s[jj][e] * sl2 : -INFINITY;
+          mx[e / 2] = fmaxf(mx[e / 2], s[jj][e]);
+        }
+      }
+      float mu[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        mu[i] = mx[i] == -INFINITY ? 0.f : mx[i];  // row fully masked so far: stay at zero
+        const float alpha = exp2f(m_r[i] - mu[i]);
+        m_r[i] = mx[i];
+        l_r[i] *= alpha;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[dt][2 * i] *= alpha;
+          o[dt][2 * i + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[jj][e] = exp2f(s[jj][e] - mu[e / 2]);
+          l_r[e / 2] += s[jj][e];
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                         pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                         pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t b[4];
+          ldsm_x4_t(b, sVs + bkn_off<SD>(lane, kk * 16, dd * 16));
+          mma16816<T>(o[2 * dd], a, b[0], b[1]);
+          mma16816<T>(o[2 * dd + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+    const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][2 * i] *= inv;
+      o[dt][2 * i + 1] *= inv;
+    }
+  }
+
+  // Long-range term o += state_scale * qs S_c on tensor cores. S_c is fp32; it is split as
+  // hi + lo in T (hi = round(S), lo = round(S - hi)) so the product keeps ~16 (bf16) / ~22 (fp16)
+  // significant bits of S instead of 8 / 11, well under the output rounding. The K/V buffers
+  // (4 * BN >= 2 * D rows) are free now and hold all of S_c; a CTA meets several chunks only
+  // when B is not a multiple of 64.
+  {
+    static_assert(4 * BN >= 2 * D, "K/V buffers must hold S_c hi and lo");
+    T* sHi = sK;
+    T* sLo = sK + D * SD;
+    const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
+    const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
+    const T* qsb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
+    for (int c = c_first; c <= c_last; ++c) {
+      const float* Sc = p.S + ((int64_t)bh * p.num_chunks + c) * ds * D;
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < dsp * D / 4; idx += kThreads) {
+        const int r = idx / (D / 4), c4 = idx % (D / 4);
+        float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r < ds) val = *reinterpret_cast<const float4*>(Sc + (int64_t)r * D + c4 * 4);
+        const float vs[4] = {val.x * p.state_scale, val.y * p.state_scale,
+                             val.z * p.state_scale, val.w * p.state_scale};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const T h = from_f<T>(vs[e]);
+          sHi[r * SD + c4 * 4 + e] = h;
+          sLo[r * SD + c4 * 4 + e] = from_f<T>(vs[e] - to_f(h));
+        }
+      }
+      __syncthreads();
+      if (warp_ok && cw == c) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          if (kk * 16 < dsp) {
+            uint32_t a[4];
+            const int col = kk * 16 + (lane % 4) * 2;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int row = (i & 1) ? rb : ra;
+              const int cc = col + (i / 2) * 8;
+              a[i] = (row < n && cc < ds)
+                         ? *reinterpret_cast<const uint32_t*>(qsb + (int64_t)row * p.qs_st.n + cc)
+                         : 0u;
+            }
+#pragma unroll
+            for (int dd = 0; dd < D / 16; ++dd) {
+              uint32_t b[4];
+              ldsm_x4_t(b, sHi + bkn_off<SD>(lane, kk * 16, dd * 16));
+              mma16816<T>(o[2 * dd], a, b[0], b[1]);
+              mma16816<T>(o[2 * dd + 1], a, b[2], b[3]);
+              ldsm_x4_t(b, sLo + bkn_off<SD>(lane, kk * 16, dd * 16));
+              mma16816<T>(o[2 * dd], a, b[0], b[1]);
+              mma16816<T>(o[2 * dd + 1], a, b[2], b[3]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  T* ob = static_cast<T*>(p.o) + (int64_t)bh * n * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = i == 0 ? ra : rb;
+    if (row < n) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        *reinterpret_cast<uint32_t*>(ob + (int64_t)row * D + col) =
+            pack2<T>(o[dt][2 * i], o[dt][2 * i + 1]);
+      }
+      if (lane % 4 == 0)
+        p.lse[(int64_t)bh * n + row] = l_r[i] > 0.f ? (m_r[i] + log2f(l_r[i])) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
+  constexpr int SD = Cfg<D>::SD, BN = Cfg<D>::BN_BWD, NT = BN / 8, DT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sO = sQ + kBM * SD;      // dO
+  T* sK = sO + kBM * SD;      // [2][BN][SD]
+  T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
+
+  const int ntile = cdiv(p.n, kBM);
+  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
+  const int bi = bh / p.h, hi = bh % p.h;
+  const int n = p.n, B = p.chunk, w = p.overlap;
+  const int m0 = tile * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tw = m0 + warp * 16;
+  const bool warp_ok = tw < n;
+  const int cw = min(tw, n - 1) / B;
+  const int lo_w = max(0, cw * B - w);
+  const int ra = tw + lane / 4, rb = ra + 8;
+
+  const T* kb = head_ptr<T>(p.k, p.k_st, bi, hi);
+  const T* vb = head_ptr<T>(p.v, p.v_st, bi, hi);
+  const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + kBM);
+  const int nkv = cdiv(kv_hi - kv_lo, BN);
+
+  load_rows<T, D, kBM>(sQ, head_ptr<T>(p.q, p.q_st, bi, hi), p.q_st.n, m0, n);
+  load_rows<T, D, kBM>(sO, head_ptr<T>(p.dout, p.dout_st, bi, hi), p.dout_st.n, m0, n);
+  load_rows<T, D, BN>(sK, kb, p.k_st.n, kv_lo, n);
+  load_rows<T, D, BN>(sV, vb, p.v_st.n, kv_lo, n);
+  cp_async_commit();
+
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = i == 0 ? ra : rb;
+    lse2[i] = row < n ? p.lse[(int64_t)bh * n + row] * kLog2e : 0.f;
+    dlt[i] = row < n ? p.delta[(int64_t)bh * n + row] : 0.f;
+  }
+  float dq[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+
+  for (int j = 0; j < nkv; ++j) {
+    const int n0 = kv_lo + j * BN;
+    if (j + 1 < nkv) {
+      const int st = (j + 1) & 1;
+      load_rows<T, D, BN>(sK + st * BN * SD, kb, p.k_st.n, n0 + BN, n);
+      load_rows<T, D, BN>(sV + st * BN * SD, vb, p.v_st.n, n0 + BN, n);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sKs = sK + (j & 1) * BN * SD;
+    const T* sVs = sV + (j & 1) * BN * SD;
+    const bool active = warp_ok && n0 <= tw + 15 && n0 + BN - 1 >= lo_w;
+    if (active) {
+      float s[NT][4], dp[NT][4];
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t aq[4], ao[4];
+        ldsm_x4(aq, sQ + a_off<SD>(lane, warp * 16, kk * 16));
+        ldsm_x4(ao, sO + a_off<SD>(lane, warp * 16, kk * 16));
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+          uint32_t b[4];
+          ldsm_x4(b, sKs + bnk_off<SD>(lane, nn * 16, kk * 16));
+          mma16816<T>(s[2 * nn], aq, b[0], b[1]);
+          mma16816<T>(s[2 * nn + 1], aq, b[2], b[3]);
+          ldsm_x4(b, sVs + bnk_off<SD>(lane, nn * 16, kk * 16));
+          mma16816<T>(dp[2 * nn], ao, b[0], b[1]);
+          mma16816<T>(dp[2 * nn + 1], ao, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = e < 2 ? ra : rb;
+          const int key = n0 + jj * 8 + (lane % 4) * 2 + (e & 1);
+          const bool valid = row < n && key <= row && key >= lo_w;
+          const float pr = valid ? exp2f(s[jj][e] * sl2 - lse2[e / 2]) : 0.f;
+          s[jj][e] = pr * (dp[jj][e] - dlt[e / 2]);  // dS
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                         pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                         pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t b[4];
+          ldsm_x4_t(b, sKs + bkn_off<SD>(lane, kk * 16, dd * 16));
+          mma16816<T>(dq[2 * dd], a, b[0], b[1]);
+          mma16816<T>(dq[2 * dd + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  T* ob = static_cast<T*>(p.dq) + (int64_t)bh * n * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = i == 0 ? ra : rb;
+    if (row < n) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        *reinterpret_cast<uint32_t*>(ob + (int64_t)row * D + col) =
+            pack2<T>(dq[dt][2 * i] * p.scale, dq[dt][2 * i + 1] * p.scale);
+      }
+    }
+  }
+}
+
+// Exclusive end of the queries that can see a key of chunk(u_last): the end of that chunk, or of
+// the next one when the window overlaps into the previous chunk.
+__device__ __forceinline__ int query_end(int u_last, int B, int w, int n) {
+  return min(n, (u_last / B + 1 + (w > 0 ? 1 : 0)) * B);
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_dkv_kernel(AttnParams p) {
+  constexpr int SD = Cfg<D>::SD, BN = Cfg<D>::BN_BWD, NT = BN / 8, DT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBM * SD;
+  T* sQ = sV + kBM * SD;      // [2][BN][SD]
+  T* sO = sQ + 2 * BN * SD;   // [2][BN][SD] dO
+  float* sL = reinterpret_cast<float*>(sO + 2 * BN * SD);  // [2][BN] lse * log2e
+  float* sD = sL + 2 * BN;                                  // [2][BN] delta
+  int* sLo = reinterpret_cast<int*>(sD + 2 * BN);           // [2][BN] window start
+
+  const int ntile = cdiv(p.n, kBM);
+  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
+  const int bi = bh / p.h, hi = bh % p.h;
+  const int n = p.n, B = p.chunk, w = p.overlap;
+  const int m0 = tile * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int uw = m0 + warp * 16;
+  const bool warp_ok = uw < n;
+  const int q_end_w = warp_ok ? query_end(min(n, uw + 16) - 1, B, w, n) : 0;
+  const int ua = uw + lane / 4, ub = ua + 8;
+
+  const T* qb = head_ptr<T>(p.q, p.q_st, bi, hi);
+  const T* ob = head_ptr<T>(p.dout, p.dout_st, bi, hi);
+  const int q_lo = m0, q_hi = query_end(min(n, m0 + kBM) - 1, B, w, n);
+  const int nq = cdiv(q_hi - q_lo, BN);
+  const float* lse = p.lse + (int64_t)bh * n;
+  const float* dlt = p.delta + (int64_t)bh * n;
+
+  auto load_stage = [&](int st, int t0) {
+    load_rows<T, D, BN>(sQ + st * BN * SD, qb, p.q_st.n, t0, n);
+    load_rows<T, D, BN>(sO + st * BN * SD, ob, p.dout_st.n, t0, n);
+    for (int i = threadIdx.x; i < BN; i += kThreads) {
+      const int t = t0 + i;
+      const bool ok = t < n;
+      sL[st * BN + i] = ok ? lse[t] * kLog2e : 0.f;
+      sD[st * BN + i] = ok ? dlt[t] : 0.f;
+      sLo[st * BN + i] = ok ? window_lo(t, B, w) : n;  // n: sees no key
+    }
+  };
+
+  load_rows<T, D, kBM>(sK, head_ptr<T>(p.k, p.k_st, bi, hi), p.k_st.n, m0, n);
+  load_rows<T, D, kBM>(sV, head_ptr<T>(p.v, p.v_st, bi, hi), p.v_st.n, m0, n);
+  load_stage(0, q_lo);
+  cp_async_commit();
+
+  float dk[DT][4], dv[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+
+  for (int j = 0; j < nq; ++j) {
+    const int n0 = q_lo + j * BN;
+    if (j + 1 < nq) {
+      load_stage((j + 1) & 1, n0 + BN);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int st = j & 1;
+    const T* sQs = sQ + st * BN * SD;
+    const T* sOs = sO + st * BN * SD;
+    const float* sLs = sL + st * BN;
+    const float* sDs = sD + st * BN;
+    const int* sLos = sLo + st * BN;
+    const bool active = warp_ok && n0 + BN - 1 >= uw && n0 < q_end_w;
+    if (active) {
+      float s[NT][4], dp[NT][4];
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ak[4], av[4];
+        ldsm_x4(ak, sK + a_off<SD>(lane, warp * 16, kk * 16));
+        ldsm_x4(av, sV + a_off<SD>(lane, warp * 16, kk * 16));
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+          uint32_t b[4];
+          ldsm_x4(b, sQs + bnk_off<SD>(lane, nn * 16, kk * 16));
+          mma16816<T>(s[2 * nn], ak, b[0], b[1]);
+          mma16816<T>(s[2 * nn + 1], ak, b[2], b[3]);
+          ldsm_x4(b, sOs + bnk_off<SD>(lane, nn * 16, kk * 16));
+          mma16816<T>(dp[2 * nn], av, b[0], b[1]);
+          mma16816<T>(dp[2 * nn + 1], av, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = e < 2 ? ua : ub;
+          const int jl = jj * 8 + (lane % 4) * 2 + (e & 1);
+          const int t = n0 + jl;
+          const bool valid = key < n && key <= t && key >= sLos[jl];
+          const float pr = valid ? exp2f(s[jj][e] * sl2 - sLs[jl]) : 0.f;
+          s[jj][e] = pr;                        // P^T
+          dp[jj][e] = pr * (dp[jj][e] - sDs[jl]);  // dS^T
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t ap[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                          pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                          pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        uint32_t ad[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]),
+                          pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+                          pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                          pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t b[4];
+          ldsm_x4_t(b, sOs + bkn_off<SD>(lane, kk * 16, dd * 16));
+          mma16816<T>(dv[2 * dd], ap, b[0], b[1]);
+          mma16816<T>(dv[2 * dd + 1], ap, b[2], b[3]);
+          ldsm_x4_t(b, sQs + bkn_off<SD>(lane, kk * 16, dd * 16));
+          mma16816<T>(dk[2 * dd], ad, b[0], b[1]);
+          mma16816<T>(dk[2 * dd + 1], ad, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
+  T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = i == 0 ? ua : ub;
+    if (row < n) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        *reinterpret_cast<uint32_t*>(okp + (int64_t)row * D + col) =
+            pack2<T>(dk[dt][2 * i] * p.scale, dk[dt][2 * i + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(ovp + (int64_t)row * D + col) =
+            pack2<T>(dv[dt][2 * i], dv[dt][2 * i + 1]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk states on tensor cores: F_c = out_scale * X_c^T Y_c with X = p.qs [n, ds], Y = p.v [n, D]
+// (also dS_c = state_scale * qs^T dO in the backward). One CTA per (bh, chunk); M = state dims
+// (16-row tiles dealt round-robin to the 4 warps), N = D, K = the chunk's tokens in steps of 64.
+// X^T comes straight from the token-major tile through ldmatrix.trans. The partial last chunk
+// and ds not a multiple of 16 are zero-padded in shared memory, so every product is exact in fp32.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
+  constexpr int SD = Cfg<D>::SD, BT = 64, DT = D / 8;
+  constexpr int MTW = D > 64 ? 2 : 1;  // m-tiles per warp: ceil(D / 16 / 4)
+  __shared__ __align__(16) T sX[BT * SD];
+  __shared__ __align__(16) T sY[BT * SD];
+  const int c = blockIdx.x % p.num_chunks, bh = blockIdx.x / p.num_chunks;
+  const int bi = bh / p.h, hi = bh % p.h;
+  const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
+  const int t0 = c * p.chunk, t1 = min(p.n, t0 + p.chunk);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* xb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
+  const T* yb = head_ptr<T>(p.v, p.v_st, bi, hi);
+  for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += kThreads) {
+    const int r = idx / (dsp - ds), col = ds + idx % (dsp - ds);
+    sX[r * SD + col] = from_f<T>(0.f);
+  }
+  float acc[MTW][DT][4];
+#pragma unroll
+  for (int i = 0; i < MTW; ++i)
+#pragma unroll
+    for (int j = 0; j < DT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+  for (int s0 = t0; s0 < t1; s0 += BT) {
+    __syncthreads();
+    const int cpr = ds / 8;
+    for (int idx = threadIdx.x; idx < BT * cpr; idx += kThreads) {
+      const int r = idx / cpr, cc = idx % cpr;
+      const int t = s0 + r;
+      const bool ok = t < t1;
+      cp_async16(sX + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
+    }
+    load_rows<T, D, BT>(sY, yb, p.v_st.n, s0, t1);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BT / 16; ++kk) {
+#pragma unroll
+      for (int i = 0; i < MTW; ++i) {
+        const int mt = warp + 4 * i;
+        if (mt * 16 < dsp) {
+          uint32_t a[4];
+          ldsm_x4_t(a, sX + (kk * 16 + (lane / 16) * 8 + lane % 8) * SD + mt * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+          for (int dd = 0; dd < D / 16; ++dd) {
+            uint32_t b[4];
+            ldsm_x4_t(b, sY + bkn_off<SD>(lane, kk * 16, dd * 16));
+            mma16816<T>(acc[i][2 * dd], a, b[0], b[1]);
+            mma16816<T>(acc[i][2 * dd + 1], a, b[2], b[3]);
+          }
+        }
+      }
+    }
+  }
+  float* F = p.states + ((int64_t)bh * p.num_chunks + c) * ds * D;
+#pragma unroll
+  for (int i = 0; i < MTW; ++i) {
+    const int mt = warp + 4 * i;
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int row = mt * 16 + lane / 4 + h2 * 8;
+      if (row < ds) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          const int col = dt * 8 + (lane % 4) * 2;
+          *reinterpret_cast<float2*>(F + (int64_t)row * D + col) =
+              make_float2(acc[i][dt][2 * h2] * p.out_scale, acc[i][dt][2 * h2 + 1] * p.out_scale);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-token products with the fp32 matrix M_c [ds, D] of the token's chunk, on tensor cores:
+//   kPrep = false (chunk-states backward, M = dF):
+//       dx[t] = y[t] M_c^T -> p.dqs [n, ds],   dy[t] = x[t] M_c (+ p.dv_add) -> p.dv [n, D]
+//       with x = p.qs (k_state), y = p.v
+//   kPrep = true (attention-backward preprocess, M = S):
+//       dqs[t] = state_scale * dO[t] S_c^T -> p.dqs,  delta[t] = dO[t].out[t] - qs[t].dqs[t]
+//       with x = p.qs (q_state), y = p.dout
+// M is fp32; it is split into hi + lo halves of T in shared memory (as in the forward epilogue),
+// so the products keep ~16 (bf16) / ~22 (fp16) significant bits of M with fp32 accumulation.
+// One CTA per (bh, chunk, 64-token block); warp w owns 16 tokens.
+template <typename T, int D, bool kPrep>
+__global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
+  constexpr int SD = Cfg<D>::SD, BT = 64, DT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sMhi = reinterpret_cast<T*>(smem_raw);  // [D][SD], rows >= ds zero
+  T* sMlo = sMhi + D * SD;
+  T* sY = sMlo + D * SD;                     // [BT][SD]
+  T* sX = sY + BT * SD;                      // [BT][SD], cols >= ds zero
+  const int nblk = cdiv(p.chunk, BT);
+  const int blk = blockIdx.x % nblk;
+  const int c = (blockIdx.x / nblk) % p.num_chunks;
+  const int bh = blockIdx.x / nblk / p.num_chunks;
+  const int bi = bh / p.h, hi = bh % p.h;
+  const int n = p.n, ds = p.ds, dsp = (ds + 15) / 16 * 16;
+  const int t0 = c * p.chunk + blk * BT;
+  const int t1 = min(n, min((c + 1) * p.chunk, t0 + BT));
+  if (t0 >= t1) return;  // CTA-uniform
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  const T* xb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
+  const T* yb = kPrep ? head_ptr<T>(p.dout, p.dout_st, bi, hi) : head_ptr<T>(p.v, p.v_st, bi, hi);
+  const int64_t ystride = kPrep ? p.dout_st.n : p.v_st.n;
+  const int cpr = ds / 8;
+  for (int idx = threadIdx.x; idx < BT * cpr; idx += kThreads) {
+    const int r = idx / cpr, cc = idx % cpr;
+    const int t = t0 + r;
+    const bool ok = t < t1;
+    cp_async16(sX + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
+  }
+  load_rows<T, D, BT>(sY, yb, ystride, t0, t1);
+  cp_async_commit();
+  for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += kThreads) {
+    const int r = idx / (dsp - ds), col = ds + idx % (dsp - ds);
+    sX[r * SD + col] = from_f<T>(0.f);
+  }
+  const float mscale = kPrep ? p.state_scale : 1.f;
+  const float* M = p.S + ((int64_t)bh * p.num_chunks + c) * ds * D;
+  for (int idx = threadIdx.x; idx < dsp * D / 4; idx += kThreads) {
+    const int r = idx / (D / 4), c4 = idx % (D / 4);
+    float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < ds) val = *reinterpret_cast<const float4*>(M + (int64_t)r * D + c4 * 4);
+    const float vs[4] = {val.x * mscale, val.y * mscale, val.z * mscale, val.w * mscale};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const T h = from_f<T>(vs[e]);
+      sMhi[r * SD + c4 * 4 + e] = h;
+      sMlo[r * SD + c4 * 4 + e] = from_f<T>(vs[e] - to_f(h));
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int r0 = warp * 16;
+  if (t0 + r0 >= t1) return;  // no barrier below
+  const int ra = t0 + r0 + lane / 4, rb = ra + 8;
+
+  // dx = y M^T  [16 x dsp]
+  float ax[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) ax[i][0] = ax[i][1] = ax[i][2] = ax[i][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, sY + a_off<SD>(lane, r0, kk * 16));
+#pragma unroll
+    for (int nn = 0; nn < D / 16; ++nn) {
+      if (nn * 16 < dsp) {
+        uint32_t b[4];
+        ldsm_x4(b, sMhi + bnk_off<SD>(lane, nn * 16, kk * 16));
+        mma16816<T>(ax[2 * nn], a, b[0], b[1]);
+        mma16816<T>(ax[2 * nn + 1], a, b[2], b[3]);
+        ldsm_x4(b, sMlo + bnk_off<SD>(lane, nn * 16, kk * 16));
+        mma16816<T>(ax[2 * nn], a, b[0], b[1]);
+        mma16816<T>(ax[2 * nn + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  T* dx = static_cast<T*>(p.dqs) + (int64_t)bh * n * ds;
+  float part[2] = {0.f, 0.f};  // kPrep: this thread's share of delta for rows ra, rb
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = i == 0 ? ra : rb;
+#pragma unroll
+    for (int nt = 0; nt < DT; ++nt) {
+      const int col = nt * 8 + (lane % 4) * 2;
+      if (row < t1 && col < ds) {
+        *reinterpret_cast<uint32_t*>(dx + (int64_t)row * ds + col) =
+            pack2<T>(ax[nt][2 * i], ax[nt][2 * i + 1]);
+        if (kPrep) {
+          const int rl = row - t0;
+          part[i] -= to_f(sX[rl * SD + col]) * ax[nt][2 * i] +
+                     to_f(sX[rl * SD + col + 1]) * ax[nt][2 * i + 1];
+        }
+      }
+    }
+  }
+
+  if constexpr (kPrep) {
+    const T* ob = head_ptr<T>(p.out, p.out_st, bi, hi);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = i == 0 ? ra : rb;
+      if (row < t1) {
+        const int rl = row - t0;
+#pragma unroll
+        for (int nt = 0; nt < DT; ++nt) {
+          const int col = nt * 8 + (lane % 4) * 2;
+          const T* orow = ob + (int64_t)row * p.out_st.n + col;
+          part[i] += to_f(sY[rl * SD + col]) * to_f(orow[0]) +
+                     to_f(sY[rl * SD + col + 1]) * to_f(orow[1]);
+        }
+      }
+      part[i] += __shfl_xor_sync(0xffffffffu, part[i], 1);
+      part[i] += __shfl_xor_sync(0xffffffffu, part[i], 2);
+      if (row < t1 && lane % 4 == 0) p.delta[(int64_t)bh * n + row] = part[i];
+    }
+  } else {
+    // dy = x M  [16 x D]
+    float ay[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) ay[i][0] = ay[i][1] = ay[i][2] = ay[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      if (kk * 16 < dsp) {
+        uint32_t a[4];
+        ldsm_x4(a, sX + a_off<SD>(lane, r0, kk * 16));
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t b[4];
+          ldsm_x4_t(b, sMhi + bkn_off<SD>(lane, kk * 16, dd * 16));
+          mma16816<T>(ay[2 * dd], a, b[0], b[1]);
+          mma16816<T>(ay[2 * dd + 1], a, b[2], b[3]);
+          ldsm_x4_t(b, sMlo + bkn_off<SD>(lane, kk * 16, dd * 16));
+          mma16816<T>(ay[2 * dd], a, b[0], b[1]);
+          mma16816<T>(ay[2 * dd + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    T* dy = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
+    const T* dy_add = static_cast<const T*>(p.dv_add);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = i == 0 ? ra : rb;
+      if (row < t1) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          const int col = dt * 8 + (lane % 4) * 2;
+          const int64_t off = (int64_t)row * D + col;
+          float v0 = ay[dt][2 * i], v1 = ay[dt][2 * i + 1];
+          if (dy_add != nullptr) {
+            const T* ad = dy_add + (int64_t)bh * n * D + off;
+            v0 += to_f(ad[0]);
+            v1 += to_f(ad[1]);
+          }
+          *reinterpret_cast<uint32_t*>(dy + off) = pack2<T>(v0, v1);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace mma
+}  // namespace bsbr_cuda

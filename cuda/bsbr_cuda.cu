@@ -1,0 +1,570 @@
+// CUDA implementations of the internal bsbr ops (schemas in cpp/ops.cpp), registered under the
+// CUDA dispatch key. Inputs arrive validated by the public ops (shapes, matching dtypes, C); this
+// file adds the limits of the CUDA kernels, picks the kernel instantiation, and composes the
+// stages:
+//   chunk states       own kernel (fp32 accumulation)                  aux_kernels.cuh
+//   block retrieval    logits / mixing GEMMs through cuBLAS (ATen, fp32), masked softmax and its
+//                      backward are the kernels below
+//   chunk attention    tensor-core kernels for fp16/bf16, SIMT for fp32   attn_mma.cuh, attn_simt.cuh
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "bsbr_cuda.h"
+#include "kernel_utils.cuh"
+
+namespace bsbr_cuda {
+namespace {
+
+using at::Tensor;
+
+// Error messages are assembled as plain strings (std::to_string, no iostream number formatting):
+// on the device image, formatting an integer through c10::str from this library crashed
+// (seen 2026-11-27, torch 2.11 + nvcc 13.0 host code), so numbers never go through a stream.
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(int64_t v) { return std::to_string(v); }
+inline std::string piece(at::ScalarType st) { return c10::toString(st); }
+inline std::string piece(const at::Device& d) { return d.str(); }
+template <typename... A> std::string msg(const A&... a) {
+  std::string s;
+  ((s += piece(a)), ...);
+  return s;
+}
+
+// ------------------------------------------------------------------ limits and dispatch
+
+void check_dtype(at::ScalarType st, const char* name) {
+  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat, msg("bsbr CUDA kernels: ", name, " must be float16, bfloat16 or float32, got ", st,
+                   " (float64 is supported by the CPU kernels only)"));
+}
+
+void check_head_dim(int64_t d) {
+  TORCH_CHECK_VALUE(d == 32 || d == 64 || d == 128, msg("bsbr CUDA kernels: head dim d (last dim of q, k, v) must be 32, 64 or 128, "
+                    "got ", d));
+}
+
+void check_state_dim(int64_t ds, int64_t d) {
+  TORCH_CHECK_VALUE(ds >= 8 && ds % 8 == 0 && ds <= d, msg("bsbr CUDA kernels: state dim ds (last dim of q_state / k_state) must be a "
+                    "multiple of 8 with 8 <= ds <= d = ", d, ", got ", ds));
+}
+
+void check_chunk(int64_t chunk_size, int64_t overlap) {
+  TORCH_CHECK_VALUE(chunk_size >= 16 && chunk_size <= 256 && chunk_size % 16 == 0, msg("bsbr CUDA kernels: chunk_size must be a multiple of 16 in [16, 256], got ",
+                    chunk_size));
+  TORCH_CHECK_VALUE(overlap >= 0 && overlap <= chunk_size, msg("bsbr CUDA kernels: chunk_overlap must satisfy 0 <= chunk_overlap <= "
+                    "chunk_size = ", chunk_size, ", got ", overlap));
+}
+
+void check_on(const Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK_VALUE(t.is_cuda(), msg("bsbr CUDA kernels: all tensors must be on the same CUDA device; ",
+                    name, " is on ", t.device(), ", expected ", dev));
+  TORCH_CHECK_VALUE(t.device() == dev, msg("bsbr CUDA kernels: all tensors must be on the same CUDA "
+                    "device; ", name, " is on ", t.device(), ", expected ", dev));
+}
+
+void check_token(const Tensor& t, const char* name, const Tensor& q) {
+  check_on(t, name, q.device());
+  TORCH_CHECK_VALUE(t.dim() == 4, msg("bsbr CUDA kernels: ", name, " must be 4-D [b, h, n, e], got ",
+                    t.dim(), "-D"));
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), msg("bsbr CUDA kernels: ", name,
+                   " must have the dtype of the other token tensors (", q.scalar_type(), "), got ",
+                   t.scalar_type()));
+}
+
+void check_fp32(const Tensor& t, const char* name, const Tensor& q) {
+  check_on(t, name, q.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, msg("bsbr CUDA kernels: ", name,
+                   " must be float32 (the state dtype for float16/bfloat16/float32 inputs), got ",
+                   t.scalar_type()));
+}
+
+bool force_simt() {
+  const char* e = std::getenv("BSBR_CUDA_SIMT");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
+// The tensor-core path loads 16-byte pieces of rows: base and row/head/batch strides must allow
+// that. A view that does not (rare: an odd offset into a buffer) is copied once, here.
+bool vec_aligned(const Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int i = 0; i < 3; ++i)
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  return true;
+}
+
+Tensor prep_token(const Tensor& t, bool need_vec) {
+  if (t.numel() == 0) return t;
+  if (t.stride(-1) != 1 && t.size(-1) > 1) return prep_token(t.contiguous(), need_vec);
+  if (need_vec && !vec_aligned(t)) return t.contiguous();
+  return t;
+}
+
+Strides strides_of(const Tensor& t) { return Strides{t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Calls f(T{}, std::integral_constant<int, D>{}) for the element type and head dim, or raises if
+// that combination was not compiled (setup.py's BSBR_DTYPES / BSBR_HEAD_DIMS).
+template <typename T, typename F> void dispatch_dim(int64_t d, F&& f) {
+  switch (d) {
+#ifdef BSBR_HDIM32
+    case 32: return f(T{}, std::integral_constant<int, 32>{});
+#endif
+#ifdef BSBR_HDIM64
+    case 64: return f(T{}, std::integral_constant<int, 64>{});
+#endif
+#ifdef BSBR_HDIM128
+    case 128: return f(T{}, std::integral_constant<int, 128>{});
+#endif
+    default:
+      check_head_dim(d);
+      TORCH_CHECK_VALUE(false, msg("bsbr CUDA kernels: head dim ", d, " is not compiled into this "
+                        "build; rebuild with BSBR_HEAD_DIMS including ", d));
+  }
+}
+
+template <typename F> void dispatch(at::ScalarType st, int64_t d, F&& f) {
+  switch (st) {
+#ifdef BSBR_FP16
+    case at::kHalf: return dispatch_dim<__half>(d, f);
+#endif
+#ifdef BSBR_BF16
+    case at::kBFloat16: return dispatch_dim<__nv_bfloat16>(d, f);
+#endif
+#ifdef BSBR_FP32
+    case at::kFloat: return dispatch_dim<float>(d, f);
+#endif
+    default:
+      check_dtype(st, "q");
+      TORCH_CHECK_TYPE(false, msg("bsbr CUDA kernels: dtype ", st, " is not compiled into this build; "
+                       "rebuild with BSBR_DTYPES including ",
+                       st == at::kHalf ? "fp16" : st == at::kBFloat16 ? "bf16" : "fp32"));
+  }
+}
+
+void check_sizes(int64_t b, int64_t h, int64_t n, int64_t chunk) {
+  const int64_t imax = std::numeric_limits<int>::max();
+  TORCH_CHECK_VALUE(n < imax - 512, msg("bsbr CUDA kernels: sequence length n must be < 2^31, got ", n));
+  const int64_t tiles = (n + 15) / 16 * b * h;  // upper bound on the CTAs of any launch
+  TORCH_CHECK_VALUE(tiles <= imax, msg("bsbr CUDA kernels: b * h * n / 16 must be < 2^31, got b=", b,
+                    " h=", h, " n=", n));
+  (void)chunk;
+}
+
+// ------------------------------------------------------------------ chunk states
+
+Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_scale) {
+  const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
+  const int64_t C = (n + chunk - 1) / chunk;
+  Tensor out = at::empty({b, h, C, ds, d}, y.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  AttnParams p;
+  p.simt = force_simt() || y.scalar_type() == at::kFloat;
+  Tensor xx = prep_token(x, !p.simt), yy = prep_token(y, !p.simt);
+  p.qs = xx.data_ptr();
+  p.qs_st = strides_of(xx);
+  p.v = yy.data_ptr();
+  p.v_st = strides_of(yy);
+  p.states = out.data_ptr<float>();
+  p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.num_chunks = C;
+  p.out_scale = static_cast<float>(out_scale);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
+    run_states_fwd<decltype(t), decltype(dim)::value>(p, stream);
+  });
+  return out;
+}
+
+Tensor chunk_states_fwd(const Tensor& k_state, const Tensor& v, int64_t chunk_size) {
+  check_dtype(v.scalar_type(), "v");
+  check_token(v, "v", v);
+  check_token(k_state, "k_state", v);
+  check_head_dim(v.size(3));
+  check_state_dim(k_state.size(3), v.size(3));
+  check_chunk(chunk_size, 0);
+  check_sizes(v.size(0), v.size(1), v.size(2), chunk_size);
+  c10::cuda::CUDAGuard guard(v.device());
+  return states_impl(k_state, v, chunk_size, 1.0);
+}
+
+// grad_v (in place into dv_add when given, fp32 sum before the one rounding).
+std::tuple<Tensor, Tensor> states_bwd_impl(const Tensor& gF, const Tensor& x, const Tensor& y,
+                                           int64_t chunk, const Tensor& dv_add) {
+  const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
+  const int64_t C = (n + chunk - 1) / chunk;
+  Tensor gx = at::empty({b, h, n, ds}, x.options());
+  Tensor gy = dv_add.defined() ? dv_add : at::empty({b, h, n, d}, y.options());
+  if (gx.numel() == 0 || gy.numel() == 0) return {gx.zero_(), gy};
+  Tensor F = gF.contiguous();
+  if (reinterpret_cast<uintptr_t>(F.data_ptr()) % 16 != 0) F = F.clone();  // float4 loads
+  AttnParams p;
+  p.simt = force_simt() || y.scalar_type() == at::kFloat;
+  Tensor xx = prep_token(x, !p.simt), yy = prep_token(y, !p.simt);
+  p.qs = xx.data_ptr();
+  p.qs_st = strides_of(xx);
+  p.v = yy.data_ptr();
+  p.v_st = strides_of(yy);
+  p.S = F.data_ptr<float>();
+  p.dqs = gx.data_ptr();
+  p.dv = gy.data_ptr();
+  p.dv_add = dv_add.defined() ? dv_add.data_ptr() : nullptr;
+  p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.num_chunks = C;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
+    run_states_bwd<decltype(t), decltype(dim)::value>(p, stream);
+  });
+  return {gx, gy};
+}
+
+std::tuple<Tensor, Tensor> chunk_states_bwd(const Tensor& grad_states, const Tensor& k_state,
+                                            const Tensor& v, int64_t chunk_size) {
+  check_dtype(v.scalar_type(), "v");
+  check_token(v, "v", v);
+  check_token(k_state, "k_state", v);
+  check_fp32(grad_states, "grad_states", v);
+  check_head_dim(v.size(3));
+  check_state_dim(k_state.size(3), v.size(3));
+  check_chunk(chunk_size, 0);
+  check_sizes(v.size(0), v.size(1), v.size(2), chunk_size);
+  c10::cuda::CUDAGuard guard(v.device());
+  return states_bwd_impl(grad_states, k_state, v, chunk_size, Tensor());
+}
+
+// ------------------------------------------------------------------ block retrieval
+
+// One warp per row c of the [C, C] logits: p_cj = softmax_{j<c}(meta_scale * a_cj), 0 for j >= c.
+// Row 0 has no earlier chunk and becomes all zeros (no NaN). In place.
+__global__ void masked_softmax_fwd_kernel(float* x, int64_t rows, int C, float scale_log2) {
+  const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int c = static_cast<int>(row % C);
+  float* r = x + row * C;
+  float mx = -INFINITY;
+  for (int j = lane; j < c; j += 32) mx = fmaxf(mx, r[j] * scale_log2);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sum = 0.f;
+  for (int j = lane; j < c; j += 32) sum += exp2f(r[j] * scale_log2 - mx);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv = c > 0 ? 1.f / sum : 0.f;
+  for (int j = lane; j < C; j += 32) r[j] = j < c ? exp2f(r[j] * scale_log2 - mx) * inv : 0.f;
+}
+
+// da = P * (dP - rowsum(P * dP)), in place into dP. Masked entries have P = 0 and get 0.
+__global__ void masked_softmax_bwd_kernel(const float* P, float* dP, int64_t rows, int C) {
+  const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float* pr = P + row * C;
+  float* dr = dP + row * C;
+  float sum = 0.f;
+  for (int j = lane; j < C; j += 32) sum += pr[j] * dr[j];
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  for (int j = lane; j < C; j += 32) dr[j] = pr[j] * (dr[j] - sum);
+}
+
+// The C x C mixing products of the retrieval run through cuBLAS SGEMM in true fp32 (TF32 only if
+// the user enabled it globally). P is strictly lower triangular, so each product is split into
+// kTriBlocks row blocks that skip the all-zero part: 10/16 of the dense FLOPs for 4 blocks. (A
+// bf16x3 split on tensor cores was tried: its ~1e-5 relative error is visible against the fp32
+// reference of the fp32 states, and the split/concat traffic made it no faster at C = 512.)
+// All operands are [bh, rows, cols] fp32; outputs are written in place through strided views.
+constexpr int kTriBlocks = 4;
+// Below this many chunks one dense product was faster on an H200 (fewer launches; measured
+// 2026-11-27: blocked lost at C = 8..128, won at C = 512, docs/cuda_notes.md).
+constexpr int64_t kTriMinChunks = 256;
+
+int64_t tri_bound(int64_t C, int i) { return C * i / kTriBlocks; }
+
+// S = P F, P [bh, C, C] zero on and above the diagonal, F [bh, C, X].
+Tensor tri_mix(const Tensor& P, const Tensor& F) {
+  const int64_t C = P.size(1);
+  if (C < kTriMinChunks) return at::bmm(P, F);
+  Tensor out = at::empty({F.size(0), C, F.size(2)}, F.options());
+  for (int i = 0; i < kTriBlocks; ++i) {
+    const int64_t r0 = tri_bound(C, i), r1 = tri_bound(C, i + 1);
+    if (r1 <= r0) continue;
+    Tensor o = out.narrow(1, r0, r1 - r0);  // row c needs F_j for j < c < r1 only
+    at::bmm_out(o, P.narrow(1, r0, r1 - r0).narrow(2, 0, r1), F.narrow(1, 0, r1));
+  }
+  return out;
+}
+
+// dF = P^T dS: dF_j = sum_{c > j} P_cj dS_c.
+Tensor tri_mix_t(const Tensor& P, const Tensor& dS) {
+  const int64_t C = P.size(1);
+  if (C < kTriMinChunks) return at::bmm(P.transpose(1, 2), dS);
+  Tensor out = at::empty({dS.size(0), C, dS.size(2)}, dS.options());
+  for (int i = 0; i < kTriBlocks; ++i) {
+    const int64_t r0 = tri_bound(C, i), r1 = tri_bound(C, i + 1);
+    if (r1 <= r0) continue;
+    Tensor o = out.narrow(1, r0, r1 - r0);  // rows j in [r0, r1) need c > j >= r0
+    at::bmm_out(o, P.narrow(1, r0, C - r0).narrow(2, r0, r1 - r0).transpose(1, 2),
+                dS.narrow(1, r0, C - r0));
+  }
+  return out;
+}
+
+// dP = dS F^T where it is needed (j < c); zero elsewhere (P = 0 there, and a garbage value
+// would turn into NaN through 0 * x).
+Tensor tri_scores(const Tensor& dS, const Tensor& F) {
+  const int64_t C = dS.size(1);
+  if (C < kTriMinChunks) return at::bmm(dS, F.transpose(1, 2));
+  Tensor out = at::zeros({dS.size(0), C, C}, dS.options());
+  for (int i = 0; i < kTriBlocks; ++i) {
+    const int64_t r0 = tri_bound(C, i), r1 = tri_bound(C, i + 1);
+    if (r1 <= r0) continue;
+    Tensor o = out.narrow(1, r0, r1 - r0).narrow(2, 0, r1);
+    at::bmm_out(o, dS.narrow(1, r0, r1 - r0), F.narrow(1, 0, r1).transpose(1, 2));
+  }
+  return out;
+}
+
+Tensor retrieval_probs(const Tensor& mq32, const Tensor& mk32, double meta_scale) {
+  Tensor logits = at::matmul(mq32, mk32.transpose(-1, -2)).contiguous();
+  const int64_t C = logits.size(-1);
+  const int64_t rows = logits.numel() / std::max<int64_t>(C, 1);
+  if (rows == 0) return logits;
+  const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
+  masked_softmax_fwd_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      logits.data_ptr<float>(), rows, static_cast<int>(C), static_cast<float>(meta_scale) * kLog2e);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return logits;
+}
+
+void check_meta(const Tensor& mq, const Tensor& mk, const Tensor& states) {
+  check_on(mq, "meta_q", states.device());
+  check_on(mk, "meta_k", states.device());
+  check_dtype(mq.scalar_type(), "meta_q");
+  check_dtype(mk.scalar_type(), "meta_k");
+  check_fp32(states, "states", states);
+}
+
+Tensor block_retrieval_fwd(const Tensor& meta_q, const Tensor& meta_k, const Tensor& states,
+                           double meta_scale) {
+  check_meta(meta_q, meta_k, states);
+  c10::cuda::CUDAGuard guard(states.device());
+  const int64_t b = states.size(0), h = states.size(1), C = states.size(2);
+  const int64_t ds = states.size(3), d = states.size(4);
+  if (states.numel() == 0) return at::zeros_like(states, at::MemoryFormat::Contiguous);
+  Tensor P = retrieval_probs(meta_q.to(at::kFloat), meta_k.to(at::kFloat), meta_scale);
+  return tri_mix(P.view({b * h, C, C}), states.contiguous().view({b * h, C, ds * d}))
+      .view({b, h, C, ds, d});
+}
+
+std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrieved,
+                                                       const Tensor& meta_q, const Tensor& meta_k,
+                                                       const Tensor& states, double meta_scale) {
+  check_meta(meta_q, meta_k, states);
+  check_fp32(grad_retrieved, "grad_retrieved", states);
+  c10::cuda::CUDAGuard guard(states.device());
+  const int64_t b = states.size(0), h = states.size(1), C = states.size(2);
+  const int64_t ds = states.size(3), d = states.size(4);
+  if (states.numel() == 0 || meta_q.numel() == 0) {
+    return {at::zeros_like(meta_q, at::MemoryFormat::Contiguous),
+            at::zeros_like(meta_k, at::MemoryFormat::Contiguous),
+            at::zeros_like(states, at::MemoryFormat::Contiguous)};
+  }
+  Tensor mq = meta_q.to(at::kFloat), mk = meta_k.to(at::kFloat);
+  Tensor P = retrieval_probs(mq, mk, meta_scale);
+  Tensor dS = grad_retrieved.contiguous().view({b * h, C, ds * d});
+  Tensor F = states.contiguous().view({b * h, C, ds * d});
+  Tensor da = tri_scores(dS, F).contiguous().view({b, h, C, C});  // dP, then da in place
+  const int64_t rows = b * h * C;
+  masked_softmax_bwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
+                              at::cuda::getCurrentCUDAStream()>>>(P.data_ptr<float>(),
+                                                                  da.data_ptr<float>(), rows,
+                                                                  static_cast<int>(C));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Tensor dmq = (at::matmul(da, mk) * meta_scale).to(meta_q.scalar_type());
+  Tensor dmk = (at::matmul(da.transpose(-1, -2), mq) * meta_scale).to(meta_k.scalar_type());
+  Tensor dF = tri_mix_t(P.view({b * h, C, C}), dS).view({b, h, C, ds, d});
+  return {dmq, dmk, dF};
+}
+
+// ------------------------------------------------------------------ chunk attention
+
+struct AttnTensors {
+  Tensor q, k, v, qs;
+};
+
+void check_attn(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qs,
+                int64_t chunk, int64_t overlap) {
+  check_dtype(q.scalar_type(), "q");
+  check_token(q, "q", q);
+  check_token(k, "k", q);
+  check_token(v, "v", q);
+  check_token(qs, "q_state", q);
+  check_head_dim(q.size(3));
+  check_state_dim(qs.size(3), q.size(3));
+  check_chunk(chunk, overlap);
+  check_sizes(q.size(0), q.size(1), q.size(2), chunk);
+}
+
+std::tuple<Tensor, Tensor> attn_fwd_impl(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                         const Tensor& qs_, const Tensor& retrieved,
+                                         int64_t chunk, int64_t overlap, double scale,
+                                         double state_scale) {
+  const int64_t b = q_.size(0), h = q_.size(1), n = q_.size(2), d = q_.size(3);
+  const int64_t ds = qs_.size(3), C = (n + chunk - 1) / chunk;
+  Tensor out = at::empty({b, h, n, d}, q_.options());
+  Tensor lse = at::empty({b, h, n}, q_.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const bool simt = force_simt() || q_.scalar_type() == at::kFloat;
+  Tensor q = prep_token(q_, !simt), k = prep_token(k_, !simt), v = prep_token(v_, !simt);
+  Tensor qs = prep_token(qs_, !simt);
+  Tensor S = retrieved.contiguous();
+  if (reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 != 0) S = S.clone();  // float4 loads
+  AttnParams p;
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.qs = qs.data_ptr();
+  p.q_st = strides_of(q), p.k_st = strides_of(k), p.v_st = strides_of(v), p.qs_st = strides_of(qs);
+  p.S = S.data_ptr<float>();
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.overlap = overlap, p.num_chunks = C;
+  p.scale = static_cast<float>(scale), p.state_scale = static_cast<float>(state_scale);
+  p.simt = simt;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
+    run_attn_fwd<decltype(t), decltype(dim)::value>(p, stream);
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> chunk_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const Tensor& q_state, const Tensor& retrieved,
+                                               int64_t chunk_size, int64_t chunk_overlap,
+                                               double scale, double state_scale) {
+  check_attn(q, k, v, q_state, chunk_size, chunk_overlap);
+  check_fp32(retrieved, "retrieved", q);
+  c10::cuda::CUDAGuard guard(q.device());
+  return attn_fwd_impl(q, k, v, q_state, retrieved, chunk_size, chunk_overlap, scale, state_scale);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd_impl(
+    const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& qs_,
+    const Tensor& retrieved, const Tensor& out_, const Tensor& lse_, int64_t chunk,
+    int64_t overlap, double scale, double state_scale) {
+  const int64_t b = q_.size(0), h = q_.size(1), n = q_.size(2), d = q_.size(3);
+  const int64_t ds = qs_.size(3), C = (n + chunk - 1) / chunk;
+  Tensor dq = at::empty({b, h, n, d}, q_.options());
+  Tensor dk = at::empty({b, h, n, d}, q_.options());
+  Tensor dv = at::empty({b, h, n, d}, q_.options());
+  Tensor dqs = at::empty({b, h, n, ds}, q_.options());
+  if (dq.numel() == 0) {
+    return {dq, dk, dv, dqs, at::zeros({b, h, C, ds, d}, q_.options().dtype(at::kFloat))};
+  }
+  const bool simt = force_simt() || q_.scalar_type() == at::kFloat;
+  Tensor q = prep_token(q_, !simt), k = prep_token(k_, !simt), v = prep_token(v_, !simt);
+  Tensor dout = prep_token(dout_, !simt);
+  Tensor qs = prep_token(qs_, !simt), out = prep_token(out_, !simt);
+  Tensor S = retrieved.contiguous();
+  if (reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 != 0) S = S.clone();  // float4 loads
+  Tensor lse = lse_.contiguous();
+  Tensor delta = at::empty({b, h, n}, q_.options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  // dS_c = state_scale * sum_{t in c} qs[t]^T dO[t]: the chunk-states product of (qs, dO).
+  Tensor dR = states_impl(qs, dout, chunk, state_scale);
+
+  AttnParams p;
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.qs = qs.data_ptr();
+  p.dout = dout.data_ptr(), p.out = out.data_ptr();
+  p.q_st = strides_of(q), p.k_st = strides_of(k), p.v_st = strides_of(v), p.qs_st = strides_of(qs);
+  p.dout_st = strides_of(dout), p.out_st = strides_of(out);
+  p.S = S.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr(), p.dqs = dqs.data_ptr();
+  p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.overlap = overlap, p.num_chunks = C;
+  p.scale = static_cast<float>(scale), p.state_scale = static_cast<float>(state_scale);
+  p.simt = simt;
+  dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
+    using T = decltype(t);
+    constexpr int D = decltype(dim)::value;
+    run_attn_bwd_prep<T, D>(p, stream);
+    run_attn_bwd<T, D>(p, stream);
+  });
+  return {dq, dk, dv, dqs, dR};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_attention_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& q_state, const Tensor& retrieved, const Tensor& out, const Tensor& lse,
+    int64_t chunk_size, int64_t chunk_overlap, double scale, double state_scale) {
+  check_attn(q, k, v, q_state, chunk_size, chunk_overlap);
+  check_token(grad_out, "grad_out", q);
+  check_token(out, "out", q);
+  check_fp32(retrieved, "retrieved", q);
+  check_fp32(lse, "lse", q);
+  c10::cuda::CUDAGuard guard(q.device());
+  return attn_bwd_impl(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size, chunk_overlap,
+                       scale, state_scale);
+}
+
+// ------------------------------------------------------------------ fused op
+
+std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                              const Tensor& meta_q, const Tensor& meta_k,
+                                              const Tensor& q_state, const Tensor& k_state,
+                                              int64_t chunk_size, int64_t chunk_overlap,
+                                              double scale, double meta_scale,
+                                              double state_scale) {
+  check_attn(q, k, v, q_state, chunk_size, chunk_overlap);
+  check_token(k_state, "k_state", q);
+  TORCH_CHECK_VALUE(k_state.size(3) == q_state.size(3), msg("bsbr CUDA kernels: k_state and q_state "
+                    "must have the same state dim, got ", k_state.size(3), " and ", q_state.size(3)));
+  c10::cuda::CUDAGuard guard(q.device());
+  Tensor states = states_impl(k_state, v, chunk_size, 1.0);
+  check_on(meta_q, "meta_q", q.device());
+  check_on(meta_k, "meta_k", q.device());
+  Tensor R = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
+  return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attention_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& meta_q, const Tensor& meta_k, const Tensor& q_state, const Tensor& k_state,
+    const Tensor& out, const Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale,
+    double meta_scale, double state_scale) {
+  check_attn(q, k, v, q_state, chunk_size, chunk_overlap);
+  check_token(k_state, "k_state", q);
+  check_token(grad_out, "grad_out", q);
+  check_token(out, "out", q);
+  check_fp32(lse, "lse", q);
+  c10::cuda::CUDAGuard guard(q.device());
+  // Recompute the chunk states and the retrieval (cheap next to the attention).
+  Tensor states = states_impl(k_state, v, chunk_size, 1.0);
+  Tensor R = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
+  auto [dq, dk, dv, dqs, dR] = attn_bwd_impl(grad_out, q, k, v, q_state, R, out, lse, chunk_size,
+                                             chunk_overlap, scale, state_scale);
+  auto [dmq, dmk, dF] = block_retrieval_bwd(dR, meta_q, meta_k, states, meta_scale);
+  // dv += k_state dF (fp32 sum, one rounding), dks = v dF^T.
+  auto [dks, dv_total] = states_bwd_impl(dF, k_state, v, chunk_size, dv);
+  return {dq, dk, dv_total, dmq, dmk, dqs, dks};
+}
+
+}  // namespace
+}  // namespace bsbr_cuda
+
+TORCH_LIBRARY_IMPL(bsbr, CUDA, m) {
+  m.impl("_chunk_states_fwd", &bsbr_cuda::chunk_states_fwd);
+  m.impl("_chunk_states_bwd", &bsbr_cuda::chunk_states_bwd);
+  m.impl("_block_retrieval_fwd", &bsbr_cuda::block_retrieval_fwd);
+  m.impl("_block_retrieval_bwd", &bsbr_cuda::block_retrieval_bwd);
+  m.impl("_chunk_attention_fwd", &bsbr_cuda::chunk_attention_fwd);
+  m.impl("_chunk_attention_bwd", &bsbr_cuda::chunk_attention_bwd);
+  m.impl("_bsbr_attention_fwd", &bsbr_cuda::bsbr_attention_fwd);
+  m.impl("_bsbr_attention_bwd", &bsbr_cuda::bsbr_attention_bwd);
+}

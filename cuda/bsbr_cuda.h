@@ -1,0 +1,57 @@
+// Plain parameter structs shared by the host code (bsbr_cuda.cu) and the kernels, plus the
+// launcher declarations. Each launcher is a template over (element type, head dim) whose explicit
+// instantiations live one per file in cuda/instantiations/, so that builds parallelise and the
+// BSBR_HEAD_DIMS / BSBR_DTYPES filters of setup.py can drop whole files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace bsbr_cuda {
+
+// Strides (in elements) of a [b, h, n, e] tensor whose last dim is contiguous.
+struct Strides {
+  int64_t b = 0, h = 0, n = 0;
+};
+
+// One struct for every token-level kernel; each kernel reads the fields it needs.
+struct AttnParams {
+  // Token tensors ([b, h, n, d] or [b, h, n, ds]); layout in the matching Strides.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* qs = nullptr;    // q_state (forward / chunk-attention backward) or k_state (states)
+  const void* dout = nullptr;  // grad of the output
+  const void* out = nullptr;   // forward output (backward preprocess)
+  Strides q_st, k_st, v_st, qs_st, dout_st, out_st;
+
+  // fp32, contiguous [b, h, C, ds, d]: retrieved states (attention) or chunk-state grads.
+  const float* S = nullptr;
+
+  // Outputs, all contiguous. Token outputs are [b, h, n, e] in the input dtype.
+  void* o = nullptr;
+  float* lse = nullptr;    // [b, h, n]
+  float* delta = nullptr;  // [b, h, n]: rowsum(dO * O_local)
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  void* dqs = nullptr;
+  float* states = nullptr;       // [b, h, C, ds, d]
+  const void* dv_add = nullptr;  // optional, contiguous [b, h, n, d]: added to dv (fused bwd)
+
+  int b = 0, h = 0, n = 0, ds = 0, chunk = 0, overlap = 0, num_chunks = 0;
+  float scale = 1.f, state_scale = 1.f;
+  float out_scale = 1.f;  // states kernel: multiplies the result
+  bool simt = false;      // force the SIMT (non tensor-core) path, for cross-checking
+};
+
+template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t stream);
+template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t stream);
+// Chunk states F_j = sum_t qs[t]^T v[t] (times out_scale), and its backward.
+template <typename T, int D> void run_states_fwd(const AttnParams& p, cudaStream_t stream);
+template <typename T, int D> void run_states_bwd(const AttnParams& p, cudaStream_t stream);
+// Backward preprocess: dqs = state_scale dO S_c^T, delta = dO.out - qs.dqs.
+template <typename T, int D> void run_attn_bwd_prep(const AttnParams& p, cudaStream_t stream);
+
+}  // namespace bsbr_cuda

@@ -1,0 +1,21 @@
+"""A small forward + backward of every CUDA op, for compute-sanitizer runs."""
+import math
+
+import torch
+
+import bsbr_ext._C  # noqa: F401
+ops = torch.ops.bsbr
+for dtype, d, n, B, w in [(torch.bfloat16, 64, 150, 48, 20), (torch.float32, 32, 77, 16, 16), (torch.float16, 128, 100, 64, 64)]:
+    b, h, ds = 2, 2, d // 2
+    C = (n + B - 1) // B
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+    qs, ks = (torch.randn(b, h, n, ds, device="cuda", dtype=dtype) for _ in range(2))
+    mq, mk = (torch.randn(b, h, C, 16, device="cuda", dtype=dtype) for _ in range(2))
+    sc, ms, ss = 1 / math.sqrt(d), 0.25, 1 / (B * math.sqrt(ds))
+    out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, B, w, sc, ms, ss)
+    g = torch.randn_like(out)
+    grads = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, B, w, sc, ms, ss)
+    st = ops._chunk_states_fwd(ks, v, B)
+    ops._chunk_states_bwd(st, ks, v, B)
+    torch.cuda.synchronize()
+    print(dtype, d, "ok", out.float().abs().mean().item(), [x.float().abs().mean().item() for x in grads])

@@ -1,0 +1,379 @@
+"""CUDA kernels of the internal bsbr ops against the plain-PyTorch reference (SPEC §4).
+
+Truth is the reference run in float64 on the GPU, from the very inputs the kernel saw. A kernel
+passes when its error against the truth is at most 2x the error of the same reference run in the
+kernel's dtype, plus a small floor. Correctness only: no timing here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+import bsbr_ext._C  # noqa: E402,F401
+from bsbr_ext import reference as ref  # noqa: E402
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key("bsbr::_chunk_attention_fwd", "CUDA"):
+    pytest.skip("bsbr_ext was built without CUDA kernels", allow_module_level=True)
+
+ops = torch.ops.bsbr
+DEV = "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HEAD_DIMS = [32, 64, 128]
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-4, torch.float16: 5e-5}
+
+# (b, h, n, chunk_size, overlap): odd n, partial last chunk, n < B, overlap 0 / partial / = B,
+# chunk sizes that are and are not multiples of the kernels' 64-row tiles.
+CONFIGS = [
+    (2, 3, 200, 64, 0),
+    (2, 2, 200, 64, 17),
+    (1, 2, 131, 32, 32),
+    (2, 1, 50, 64, 0),
+    (1, 3, 77, 16, 16),
+    (2, 2, 150, 48, 20),
+    (1, 2, 300, 256, 100),
+]
+
+
+def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    t = truth.double()
+    return ((x.double() - t).norm() / t.norm().clamp_min(1e-30)).item()
+
+
+def check(name: str, got: torch.Tensor, truth: torch.Tensor, lowp: torch.Tensor) -> None:
+    assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    ek, er = rel_err(got, truth), rel_err(lowp, truth)
+    floor = FLOOR[lowp.dtype if lowp.dtype in FLOOR else torch.float32]
+    if got.dtype in FLOOR:
+        floor = max(floor, FLOOR[got.dtype])
+    assert ek <= 2 * er + floor, f"{name}: kernel error {ek:.3e} > 2 x reference error {er:.3e} + {floor:.0e}"
+
+
+def scales(d, dm, ds, chunk):
+    return 1.0 / math.sqrt(d), 1.0 / math.sqrt(dm), 1.0 / (chunk * math.sqrt(ds))
+
+
+def token(b, h, n, e, dtype, gen):
+    return torch.randn(b, h, n, e, generator=gen, device=DEV).to(dtype)
+
+
+def qkv(b, h, n, d, dtype, gen, strided=False):
+    if strided:  # slices of a fused projection [b, n, 3, h, d]: stride(n) = 3*h*d, no copy
+        x = torch.randn(b, n, 3, h, d, generator=gen, device=DEV).to(dtype)
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+        assert not q.is_contiguous()
+        return q, k, v
+    return tuple(token(b, h, n, d, dtype, gen) for _ in range(3))
+
+
+def lse_truth(q, k, chunk, overlap, scale):
+    n = q.shape[-2]
+    t = torch.arange(n, device=q.device)
+    lo = (t // chunk * chunk - overlap).clamp_min(0)
+    u = t.view(1, n)
+    window = (u <= t.view(n, 1)) & (u >= lo.view(n, 1))
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return torch.logsumexp(logits.masked_fill(~window, float("-inf")), dim=-1)
+
+
+def grads(fn, inputs, grad_out):
+    inputs = [x.detach().requires_grad_(True) for x in inputs]
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+# ----------------------------------------------------------------------------- chunk states
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("cfg", CONFIGS[:5])
+def test_chunk_states(dtype, d, cfg):
+    b, h, n, chunk, _ = cfg
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    ds = max(8, d // 4)
+    ks, v = token(b, h, n, ds, dtype, gen), token(b, h, n, d, dtype, gen)
+    got = ops._chunk_states_fwd(ks, v, chunk)
+    truth = ref.chunk_states(ks.double(), v.double(), chunk)
+    check("states", got, truth, ref.chunk_states(ks, v, chunk))
+    assert got.dtype == torch.float32
+
+    g = torch.randn(truth.shape, generator=gen, device=DEV)
+    gks, gv = ops._chunk_states_bwd(g, ks, v, chunk)
+    _, (tks, tv) = grads(lambda a, c: ref.chunk_states(a, c, chunk), [ks.double(), v.double()], g.double())
+    _, (lks, lv) = grads(lambda a, c: ref.chunk_states(a, c, chunk), [ks, v], g)
+    check("grad_k_state", gks, tks, lks)
+    check("grad_v", gv, tv, lv)
+    assert gks.dtype == dtype and gv.dtype == dtype
+
+
+# ----------------------------------------------------------------------------- block retrieval
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 2, 7, 40, 261])  # 261: the triangular-blocked products
+@pytest.mark.parametrize("dm", [16, 72])
+def test_block_retrieval(dtype, C, dm):
+    b, h, ds, d = 2, 3, 16, 32
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    mq = torch.randn(b, h, C, dm, generator=gen, device=DEV).to(dtype)
+    mk = torch.randn(b, h, C, dm, generator=gen, device=DEV).to(dtype)
+    states = torch.randn(b, h, C, ds, d, generator=gen, device=DEV)
+    ms = 1.0 / math.sqrt(dm)
+    got = ops._block_retrieval_fwd(mq, mk, states, ms)
+    f = lambda a, bb, s: ref.block_retrieval(a, bb, s, ms)  # noqa: E731
+    truth = f(mq.double(), mk.double(), states.double())
+    check("retrieved", got, truth, f(mq, mk, states))
+    assert torch.all(got[:, :, 0] == 0), "S_0 must be exactly zero"
+
+    g = torch.randn(truth.shape, generator=gen, device=DEV)
+    gmq, gmk, gF = ops._block_retrieval_bwd(g, mq, mk, states, ms)
+    _, (tq, tk, tF) = grads(f, [mq.double(), mk.double(), states.double()], g.double())
+    _, (lq, lk, lF) = grads(f, [mq, mk, states], g)
+    if C > 1:
+        check("grad_meta_q", gmq, tq, lq)
+        check("grad_meta_k", gmk, tk, lk)
+    check("grad_states", gF, tF, lF)
+    assert torch.isfinite(gmq).all() and torch.isfinite(gmk).all()
+    assert gmq.dtype == dtype and gF.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- chunk attention
+
+
+def attn_inputs(b, h, n, d, ds, chunk, dtype, gen, strided=False):
+    q, k, v = qkv(b, h, n, d, dtype, gen, strided)
+    qs = token(b, h, n, ds, dtype, gen)
+    ks = token(b, h, n, ds, dtype, gen)
+    C = (n + chunk - 1) // chunk
+    mq = torch.randn(b, h, C, 24, generator=gen, device=DEV).to(dtype)
+    mk = torch.randn(b, h, C, 24, generator=gen, device=DEV).to(dtype)
+    # Realistic retrieved states (a convex mix of chunk states), fp32 as the op takes them.
+    R = ref.block_retrieval(mq.double(), mk.double(), ref.chunk_states(ks.double(), v.double(), chunk)).float()
+    return q, k, v, qs, ks, mq, mk, R
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_chunk_attention(dtype, d, cfg):
+    b, h, n, chunk, w = cfg
+    ds = d // 2 if d != 64 else 24  # ds < d, and one case not a multiple of 16
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    q, k, v, qs, _, _, _, R = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    scale, _, ss = scales(d, 1, ds, chunk)
+    out, lse = ops._chunk_attention_fwd(q, k, v, qs, R, chunk, w, scale, ss)
+    f = lambda a, bb, c, e, r: ref.chunk_attention(a, bb, c, e, r, chunk, w, scale, ss)  # noqa: E731
+    truth = f(q.double(), k.double(), v.double(), qs.double(), R.double())
+    check("out", out, truth, f(q, k, v, qs, R))
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    lt = lse_truth(q, k, chunk, w, scale)
+    assert (lse.double() - lt).abs().max().item() <= 2e-5 * max(1.0, lt.abs().max().item())
+
+    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+    got = ops._chunk_attention_bwd(g, q, k, v, qs, R, out, lse, chunk, w, scale, ss)
+    _, tg = grads(f, [q.double(), k.double(), v.double(), qs.double(), R.double()], g.double())
+    _, lg = grads(f, [q, k, v, qs, R], g)
+    for name, a, t, l_ in zip(["grad_q", "grad_k", "grad_v", "grad_q_state", "grad_retrieved"], got, tg, lg):
+        check(name, a, t, l_)
+    assert got[4].dtype == torch.float32 and got[0].dtype == dtype
+
+
+# ----------------------------------------------------------------------------- fused op
+
+
+def fused_ref(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss):
+    return ref.bsbr_attention(q, k, v, mq, mk, chunk, w, scale, ms, ss, q_state=qs, k_state=ks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[5]])
+@pytest.mark.parametrize("state", ["separate", "shared"])
+def test_bsbr_attention_fused(dtype, d, cfg, state):
+    b, h, n, chunk, w = cfg
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    ds = d // 4 if state == "separate" else d
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    if state == "shared":  # the autograd layer passes q, k themselves when no state is given
+        qs, ks = q, k
+    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
+    f = lambda *a: fused_ref(*a, chunk, w, scale, ms, ss)  # noqa: E731
+    ins = [q, k, v, mq, mk, qs, ks]
+    truth = f(*[x.double() for x in ins])
+    check("out", out, truth, f(*ins))
+
+    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+    got = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)
+    if state == "shared":  # grads w.r.t. distinct leaves: the reference sees separate tensors
+        ins = [q, k, v, mq, mk, q.clone(), k.clone()]
+    _, tg = grads(f, [x.double() for x in ins], g.double())
+    _, lg = grads(f, ins, g)
+    names = ["grad_q", "grad_k", "grad_v", "grad_meta_q", "grad_meta_k", "grad_q_state", "grad_k_state"]
+    for name, a, t, l_ in zip(names, got, tg, lg):
+        check(name, a, t, l_)
+    for a in got:
+        for x in (q, k, v, mq, mk, qs, ks):
+            assert a.data_ptr() != x.data_ptr(), "outputs must never alias inputs"
+
+
+# ----------------------------------------------------------------------------- layout & determinism
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_views(dtype):
+    b, h, n, d, chunk, w = 2, 3, 190, 64, 64, 10
+    ds = 32
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    q, k, v, qs, ks, mq, mk, R = attn_inputs(b, h, n, d, ds, chunk, dtype, gen, strided=True)
+    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    o1, l1 = ops._chunk_attention_fwd(q, k, v, qs, R, chunk, w, scale, ss)
+    o2, l2 = ops._chunk_attention_fwd(qc, kc, vc, qs, R, chunk, w, scale, ss)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    g = torch.randn(o1.shape, generator=gen, device=DEV).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    g1 = ops._chunk_attention_bwd(g, q, k, v, qs, R, o1, l1, chunk, w, scale, ss)
+    g2 = ops._chunk_attention_bwd(g.contiguous(), qc, kc, vc, qs, R, o2, l2, chunk, w, scale, ss)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+    f1 = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
+    f2 = ops._bsbr_attention_fwd(qc, kc, vc, mq, mk, qs, ks, chunk, w, scale, ms, ss)
+    assert torch.equal(f1[0], f2[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_deterministic(dtype, d):
+    b, h, n, chunk, w = 2, 4, 1000, 128, 37
+    ds = d // 2
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
+    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+    runs = [ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss) for _ in range(3)]
+    for r in runs[1:]:
+        for a, c in zip(runs[0], r):
+            assert torch.equal(a, c), "backward is not bitwise deterministic"
+
+
+def test_causality():
+    b, h, n, d, chunk, w = 1, 2, 300, 64, 64, 16
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, torch.bfloat16, gen)
+    scale, ms, ss = scales(d, mq.shape[-1], d, chunk)
+    # meta_q[c] must not depend on chunk c's tokens for causality: keep it fixed.
+    out1, _ = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
+    t = 201
+    k2, v2, ks2 = k.clone(), v.clone(), ks.clone()
+    k2[:, :, t] += 1
+    v2[:, :, t] -= 1
+    ks2[:, :, t] *= 2
+    out2, _ = ops._bsbr_attention_fwd(q, k2, v2, mq, mk, qs, ks2, chunk, w, scale, ms, ss)
+    assert torch.equal(out1[:, :, :t], out2[:, :, :t])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def small(dtype=torch.bfloat16, d=64, ds=None, n=40, chunk=16):
+    gen = torch.Generator(device=DEV).manual_seed(8)
+    q, k, v, qs, ks, mq, mk, R = attn_inputs(1, 1, n, d, ds or d, chunk, dtype, gen)
+    return q, k, v, qs, R
+
+
+def test_error_head_dim():
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    q = token(1, 1, 40, 48, torch.bfloat16, gen)
+    R = torch.zeros(1, 1, 3, 48, 48, device=DEV)
+    with pytest.raises(ValueError, match="head dim"):
+        ops._chunk_attention_fwd(q, q, q, q, R, 16, 0, 0.1, 0.1)
+    with pytest.raises(ValueError, match="head dim"):
+        ops._chunk_states_fwd(q, q, 16)
+
+
+def test_error_chunk_size():
+    q, k, v, qs, R = small(chunk=16)
+    for bad in (24, 8, 512):
+        with pytest.raises(ValueError, match="chunk_size"):
+            ops._chunk_attention_fwd(q, k, v, qs, R, bad, 0, 0.1, 0.1)
+
+
+def test_error_state_dim():
+    q, k, v, _, _ = small()
+    gen = torch.Generator(device=DEV).manual_seed(10)
+    qs = token(1, 1, 40, 12, torch.bfloat16, gen)
+    R = torch.zeros(1, 1, 3, 12, 64, device=DEV)
+    with pytest.raises(ValueError, match="state dim"):
+        ops._chunk_attention_fwd(q, k, v, qs, R, 16, 0, 0.1, 0.1)
+
+
+def test_error_dtype():
+    q, k, v, qs, R = small()
+    with pytest.raises(TypeError, match="float64"):
+        ops._chunk_attention_fwd(q.double(), k.double(), v.double(), qs.double(), R.double(), 16, 0, 0.1, 0.1)
+    with pytest.raises(TypeError, match="float32"):
+        ops._chunk_attention_fwd(q, k, v, qs, R.half(), 16, 0, 0.1, 0.1)
+
+
+def test_error_devices():
+    q, k, v, qs, R = small()
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        ops._chunk_attention_fwd(q, k.cpu(), v, qs, R, 16, 0, 0.1, 0.1)
+
+
+# ----------------------------------------------------------------------------- public op, opcheck
+
+
+def _has(name, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_bsbr_attention(dtype):
+    if not _has("bsbr::bsbr_attention", "Autograd") and not _has("bsbr::bsbr_attention", "CompositeImplicitAutograd"):
+        pytest.skip("public op layer not built")
+    b, h, n, d, chunk, w = 2, 2, 170, 64, 32, 8
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    q, k, v, _, _, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, dtype, gen)
+    ins = [x.detach().requires_grad_(True) for x in (q, k, v, mq, mk)]
+    out = ops.bsbr_attention(*ins, chunk_size=chunk, chunk_overlap=w)
+    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+    got = torch.autograd.grad(out, ins, g)
+    f = lambda *a: ref.bsbr_attention(*a, chunk_size=chunk, chunk_overlap=w)  # noqa: E731
+    truth, tg = grads(f, [x.double() for x in (q, k, v, mq, mk)], g.double())
+    lowp, lg = grads(f, [q, k, v, mq, mk], g)
+    check("out", out, truth, lowp)
+    for name, a, t, l_ in zip(["q", "k", "v", "meta_q", "meta_k"], got, tg, lg):
+        check("grad_" + name, a, t, l_)
+
+
+def test_opcheck_internal_ops():
+    if not _has("bsbr::_chunk_attention_fwd", "Meta"):
+        pytest.skip("Meta kernels not built")
+    b, h, n, d, ds, chunk, w = 1, 2, 70, 32, 16, 32, 5
+    gen = torch.Generator(device=DEV).manual_seed(12)
+    q, k, v, qs, ks, mq, mk, R = attn_inputs(b, h, n, d, ds, chunk, torch.float32, gen)
+    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    states = ops._chunk_states_fwd(ks, v, chunk)
+    out, lse = ops._chunk_attention_fwd(q, k, v, qs, R, chunk, w, scale, ss)
+    g = torch.randn_like(out)
+    cases = [
+        (ops._chunk_states_fwd, (ks, v, chunk)),
+        (ops._chunk_states_bwd, (torch.randn_like(states), ks, v, chunk)),
+        (ops._block_retrieval_fwd, (mq, mk, states, ms)),
+        (ops._block_retrieval_bwd, (torch.randn_like(states), mq, mk, states, ms)),
+        (ops._chunk_attention_fwd, (q, k, v, qs, R, chunk, w, scale, ss)),
+        (ops._chunk_attention_bwd, (g, q, k, v, qs, R, out, lse, chunk, w, scale, ss)),
+        (ops._bsbr_attention_fwd, (q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)),
+        (ops._bsbr_attention_bwd, (g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
