@@ -7,20 +7,20 @@ namespace {
 
 void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
   TORCH_CHECK_VALUE(
-      t.dim() == rank, name, " must be a ", rank, "-D tensor ", layout, ", got shape ",
-      t.sym_sizes());
+      t.dim() == rank, message(name, " must be a ", rank, "-D tensor ", layout, ", got shape ",
+      t.sym_sizes()));
   TORCH_CHECK_TYPE(
-      at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
-      t.scalar_type());
+      at::isFloatingType(t.scalar_type()), message(name, " must be a floating-point tensor, got ",
+      t.scalar_type()));
 }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_TYPE(
-      t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name,
-      " (", ref.scalar_type(), "), got ", t.scalar_type());
+      t.scalar_type() == ref.scalar_type(), message(name, " must have the same dtype as ", ref_name,
+      " (", ref.scalar_type(), "), got ", t.scalar_type()));
   TORCH_CHECK_VALUE(
-      t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
-      ref.device(), "), got ", t.device());
+      t.device() == ref.device(), message(name, " must be on the same device as ", ref_name, " (",
+      ref.device(), "), got ", t.device()));
 }
 
 // Checks that dims [0, count) of t equal `expected`, naming the layout in the message.
@@ -32,24 +32,34 @@ void check_dims(
     same = same && t.sym_size(static_cast<int64_t>(i)) == expected[i];
   }
   TORCH_CHECK_VALUE(
-      same, name, " must have shape ", layout, " with ", rule, " = ", expected, ", got shape ",
-      t.sym_sizes());
+      same, message(name, " must have shape ", layout, " with ", rule, " = ", expected, ", got shape ",
+      t.sym_sizes()));
 }
 
 void check_state_tensor(const at::Tensor& t, const char* name, at::ScalarType input_dtype) {
   check_rank(t, name, 5, "[batch, heads, num_chunks, state_dim, head_dim]");
   TORCH_CHECK_TYPE(
-      t.scalar_type() == state_dtype(input_dtype), name, " must be ", state_dtype(input_dtype),
-      " (states are kept in fp32, fp64 for fp64 inputs), got ", t.scalar_type());
+      t.scalar_type() == state_dtype(input_dtype), message(name, " must be ", state_dtype(input_dtype),
+      " (states are kept in fp32, fp64 for fp64 inputs), got ", t.scalar_type()));
 }
 
 }  // namespace
 
+std::string piece(const c10::SymInt& s) {
+  if (auto v = s.maybe_as_int()) return std::to_string(*v);
+  return s.toSymNodeImplUnowned()->str();
+}
+
+std::string piece(c10::SymIntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + piece(sizes[i]);
+  return s + "]";
+}
+
 void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
-  TORCH_CHECK_VALUE(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  TORCH_CHECK_VALUE(chunk_size >= 1, message("chunk_size must be >= 1, got ", chunk_size));
   TORCH_CHECK_VALUE(
-      chunk_overlap >= 0 && chunk_overlap <= chunk_size,
-      "chunk_overlap must be in [0, chunk_size=", chunk_size, "], got ", chunk_overlap);
+      chunk_overlap >= 0 && chunk_overlap <= chunk_size, message("chunk_overlap must be in [0, chunk_size=", chunk_size, "], got ", chunk_overlap));
 
   // The first defined token tensor fixes batch, heads and seq_len for the others.
   const at::Tensor& first = in.q.defined() ? in.q : (in.k_state.defined() ? in.k_state : in.meta_q);
@@ -79,9 +89,8 @@ void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
   }
   if (in.q_state.defined() && in.k_state.defined() && !in.q_state.is_same(in.k_state)) {
     TORCH_CHECK_VALUE(
-        in.q_state.sym_size(3) == in.k_state.sym_size(3),
-        "q_state and k_state must have the same state_dim, got ", in.q_state.sym_size(3), " and ",
-        in.k_state.sym_size(3));
+        in.q_state.sym_size(3) == in.k_state.sym_size(3), message("q_state and k_state must have the same state_dim, got ", in.q_state.sym_size(3), " and ",
+        in.k_state.sym_size(3)));
   }
 
   // Chunk-level tensors: meta queries/keys and states, C = ceil(seq_len / chunk_size).
@@ -100,22 +109,20 @@ void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
   }
   if (in.meta_q.defined() && in.meta_k.defined()) {
     TORCH_CHECK_VALUE(
-        in.meta_q.sym_size(3) == in.meta_k.sym_size(3),
-        "meta_q and meta_k must have the same meta_dim, got ", in.meta_q.sym_size(3), " and ",
-        in.meta_k.sym_size(3));
+        in.meta_q.sym_size(3) == in.meta_k.sym_size(3), message("meta_q and meta_k must have the same meta_dim, got ", in.meta_q.sym_size(3), " and ",
+        in.meta_k.sym_size(3)));
   }
   if (in.states.defined()) {
     const char* name = in.q.defined() ? "retrieved" : "states";
     check_state_tensor(in.states, name, first.scalar_type());
     TORCH_CHECK_VALUE(
-        in.states.device() == first.device(), name, " must be on the same device as ",
-        first_name, " (", first.device(), "), got ", in.states.device());
+        in.states.device() == first.device(), message(name, " must be on the same device as ",
+        first_name, " (", first.device(), "), got ", in.states.device()));
     check_dims(in.states, name, chunked, "[batch, heads, num_chunks, state_dim, head_dim]", chunk_rule);
     if (in.q_state.defined()) {
       TORCH_CHECK_VALUE(
-          in.states.sym_size(3) == in.q_state.sym_size(3) && in.states.sym_size(4) == in.q.sym_size(3),
-          name, " must have [state_dim, head_dim] = [", in.q_state.sym_size(3), ", ",
-          in.q.sym_size(3), "], got shape ", in.states.sym_sizes());
+          in.states.sym_size(3) == in.q_state.sym_size(3) && in.states.sym_size(4) == in.q.sym_size(3), message(name, " must have [state_dim, head_dim] = [", in.q_state.sym_size(3), ", ",
+          in.q.sym_size(3), "], got shape ", in.states.sym_sizes()));
     }
   }
 }

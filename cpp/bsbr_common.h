@@ -7,8 +7,29 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
+#include <type_traits>
 
 namespace bsbr {
+
+// Error messages are assembled from std::string pieces, never through an iostream: formatting an
+// integer through c10::str (an ostringstream) from this library segfaulted on the GPU machine's
+// image (torch 2.11; inside basic_ostream::_M_insert<long>), while plain strings work.
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+template <typename I, std::enable_if_t<std::is_integral_v<I> && !std::is_same_v<I, bool>, int> = 0>
+std::string piece(I v) { return std::to_string(v); }
+inline std::string piece(at::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const at::Device& d) { return d.str(); }
+std::string piece(const c10::SymInt& s);
+std::string piece(c10::SymIntArrayRef sizes);
+
+template <typename... Pieces>
+std::string message(const Pieces&... pieces) {
+  std::string s;
+  ((s += piece(pieces)), ...);
+  return s;
+}
 
 // Chunk states and retrieved states are accumulated and kept in fp32 (fp64 for fp64 inputs, so
 // that fp64 gradcheck is meaningful).

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "bsbr_common.h"
 #include "bsbr_cuda.h"
 #include "kernel_utils.cuh"
 
@@ -28,62 +29,51 @@ namespace {
 
 using at::Tensor;
 
-// Error messages are assembled as plain strings (std::to_string, no iostream number formatting):
-// on the device image, formatting an integer through c10::str from this library crashed
-// (seen 2026-11-27, torch 2.11 + nvcc 13.0 host code), so numbers never go through a stream.
-inline std::string piece(const char* s) { return s; }
-inline std::string piece(int64_t v) { return std::to_string(v); }
-inline std::string piece(at::ScalarType st) { return c10::toString(st); }
-inline std::string piece(const at::Device& d) { return d.str(); }
-template <typename... A> std::string msg(const A&... a) {
-  std::string s;
-  ((s += piece(a)), ...);
-  return s;
-}
+using bsbr::message;  // error messages without iostream number formatting (see bsbr_common.h)
 
 // ------------------------------------------------------------------ limits and dispatch
 
 void check_dtype(at::ScalarType st, const char* name) {
-  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat, msg("bsbr CUDA kernels: ", name, " must be float16, bfloat16 or float32, got ", st,
+  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat, message("bsbr CUDA kernels: ", name, " must be float16, bfloat16 or float32, got ", st,
                    " (float64 is supported by the CPU kernels only)"));
 }
 
 void check_head_dim(int64_t d) {
-  TORCH_CHECK_VALUE(d == 32 || d == 64 || d == 128, msg("bsbr CUDA kernels: head dim d (last dim of q, k, v) must be 32, 64 or 128, "
+  TORCH_CHECK_VALUE(d == 32 || d == 64 || d == 128, message("bsbr CUDA kernels: head dim d (last dim of q, k, v) must be 32, 64 or 128, "
                     "got ", d));
 }
 
 void check_state_dim(int64_t ds, int64_t d) {
-  TORCH_CHECK_VALUE(ds >= 8 && ds % 8 == 0 && ds <= d, msg("bsbr CUDA kernels: state dim ds (last dim of q_state / k_state) must be a "
+  TORCH_CHECK_VALUE(ds >= 8 && ds % 8 == 0 && ds <= d, message("bsbr CUDA kernels: state dim ds (last dim of q_state / k_state) must be a "
                     "multiple of 8 with 8 <= ds <= d = ", d, ", got ", ds));
 }
 
 void check_chunk(int64_t chunk_size, int64_t overlap) {
-  TORCH_CHECK_VALUE(chunk_size >= 16 && chunk_size <= 256 && chunk_size % 16 == 0, msg("bsbr CUDA kernels: chunk_size must be a multiple of 16 in [16, 256], got ",
+  TORCH_CHECK_VALUE(chunk_size >= 16 && chunk_size <= 256 && chunk_size % 16 == 0, message("bsbr CUDA kernels: chunk_size must be a multiple of 16 in [16, 256], got ",
                     chunk_size));
-  TORCH_CHECK_VALUE(overlap >= 0 && overlap <= chunk_size, msg("bsbr CUDA kernels: chunk_overlap must satisfy 0 <= chunk_overlap <= "
+  TORCH_CHECK_VALUE(overlap >= 0 && overlap <= chunk_size, message("bsbr CUDA kernels: chunk_overlap must satisfy 0 <= chunk_overlap <= "
                     "chunk_size = ", chunk_size, ", got ", overlap));
 }
 
 void check_on(const Tensor& t, const char* name, const at::Device& dev) {
-  TORCH_CHECK_VALUE(t.is_cuda(), msg("bsbr CUDA kernels: all tensors must be on the same CUDA device; ",
+  TORCH_CHECK_VALUE(t.is_cuda(), message("bsbr CUDA kernels: all tensors must be on the same CUDA device; ",
                     name, " is on ", t.device(), ", expected ", dev));
-  TORCH_CHECK_VALUE(t.device() == dev, msg("bsbr CUDA kernels: all tensors must be on the same CUDA "
+  TORCH_CHECK_VALUE(t.device() == dev, message("bsbr CUDA kernels: all tensors must be on the same CUDA "
                     "device; ", name, " is on ", t.device(), ", expected ", dev));
 }
 
 void check_token(const Tensor& t, const char* name, const Tensor& q) {
   check_on(t, name, q.device());
-  TORCH_CHECK_VALUE(t.dim() == 4, msg("bsbr CUDA kernels: ", name, " must be 4-D [b, h, n, e], got ",
+  TORCH_CHECK_VALUE(t.dim() == 4, message("bsbr CUDA kernels: ", name, " must be 4-D [b, h, n, e], got ",
                     t.dim(), "-D"));
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), msg("bsbr CUDA kernels: ", name,
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), message("bsbr CUDA kernels: ", name,
                    " must have the dtype of the other token tensors (", q.scalar_type(), "), got ",
                    t.scalar_type()));
 }
 
 void check_fp32(const Tensor& t, const char* name, const Tensor& q) {
   check_on(t, name, q.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, msg("bsbr CUDA kernels: ", name,
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, message("bsbr CUDA kernels: ", name,
                    " must be float32 (the state dtype for float16/bfloat16/float32 inputs), got ",
                    t.scalar_type()));
 }
@@ -126,7 +116,7 @@ template <typename T, typename F> void dispatch_dim(int64_t d, F&& f) {
 #endif
     default:
       check_head_dim(d);
-      TORCH_CHECK_VALUE(false, msg("bsbr CUDA kernels: head dim ", d, " is not compiled into this "
+      TORCH_CHECK_VALUE(false, message("bsbr CUDA kernels: head dim ", d, " is not compiled into this "
                         "build; rebuild with BSBR_HEAD_DIMS including ", d));
   }
 }
@@ -144,7 +134,7 @@ template <typename F> void dispatch(at::ScalarType st, int64_t d, F&& f) {
 #endif
     default:
       check_dtype(st, "q");
-      TORCH_CHECK_TYPE(false, msg("bsbr CUDA kernels: dtype ", st, " is not compiled into this build; "
+      TORCH_CHECK_TYPE(false, message("bsbr CUDA kernels: dtype ", st, " is not compiled into this build; "
                        "rebuild with BSBR_DTYPES including ",
                        st == at::kHalf ? "fp16" : st == at::kBFloat16 ? "bf16" : "fp32"));
   }
@@ -152,9 +142,9 @@ template <typename F> void dispatch(at::ScalarType st, int64_t d, F&& f) {
 
 void check_sizes(int64_t b, int64_t h, int64_t n, int64_t chunk) {
   const int64_t imax = std::numeric_limits<int>::max();
-  TORCH_CHECK_VALUE(n < imax - 512, msg("bsbr CUDA kernels: sequence length n must be < 2^31, got ", n));
+  TORCH_CHECK_VALUE(n < imax - 512, message("bsbr CUDA kernels: sequence length n must be < 2^31, got ", n));
   const int64_t tiles = (n + 15) / 16 * b * h;  // upper bound on the CTAs of any launch
-  TORCH_CHECK_VALUE(tiles <= imax, msg("bsbr CUDA kernels: b * h * n / 16 must be < 2^31, got b=", b,
+  TORCH_CHECK_VALUE(tiles <= imax, message("bsbr CUDA kernels: b * h * n / 16 must be < 2^31, got b=", b,
                     " h=", h, " n=", n));
   (void)chunk;
 }
@@ -523,7 +513,7 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
                                               double state_scale) {
   check_attn(q, k, v, q_state, chunk_size, chunk_overlap);
   check_token(k_state, "k_state", q);
-  TORCH_CHECK_VALUE(k_state.size(3) == q_state.size(3), msg("bsbr CUDA kernels: k_state and q_state "
+  TORCH_CHECK_VALUE(k_state.size(3) == q_state.size(3), message("bsbr CUDA kernels: k_state and q_state "
                     "must have the same state dim, got ", k_state.size(3), " and ", q_state.size(3)));
   c10::cuda::CUDAGuard guard(q.device());
   Tensor states = states_impl(k_state, v, chunk_size, 1.0);
