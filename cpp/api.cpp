@@ -9,6 +9,12 @@ using T = at::Tensor;
 using OptT = std::optional<at::Tensor>;
 using OptD = std::optional<double>;
 
+bool ensure_registered() {
+  // Throws if the schemas are missing (they are registered when libbsbr or bsbr_ext._C loads).
+  c10::Dispatcher::singleton().findSchemaOrThrow("bsbr::bsbr_attention", "");
+  return true;
+}
+
 at::Tensor bsbr_attention(const T& q, const T& k, const T& v, const T& meta_q, const T& meta_k,
                           int64_t chunk_size, int64_t chunk_overlap, const OptT& q_state,
                           const OptT& k_state, OptD scale, OptD meta_scale, OptD state_scale) {

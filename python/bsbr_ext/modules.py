@@ -165,7 +165,11 @@ class BSBRAttention(nn.Module):
     def split_heads(self, t: Tensor) -> Tensor:
         """``[b, n, heads * e] -> [b, heads, n, e]`` (contiguous)."""
         b, n, e = t.shape[0], t.shape[1], t.shape[2] // self.num_heads
-        return t.view(b, n, self.num_heads, e).transpose(1, 2).contiguous()
+        # clone, not .contiguous(): the copy is needed anyway unless n == 1, and .contiguous()
+        # would make torch.export guard on n != 1 (here the chunk count, which may be 1).
+        return t.view(b, n, self.num_heads, e).transpose(1, 2).clone(
+            memory_format=torch.contiguous_format
+        )
 
     def merge_heads(self, t: Tensor) -> Tensor:
         """``[b, heads, n, e] -> [b, n, heads * e]``."""
@@ -215,7 +219,9 @@ class BSBRAttention(nn.Module):
 
     def meta_queries(self, xbar: Tensor) -> Tensor:
         """``meta_q[c] = W_r xbar_{c-1}`` for ``c >= 1``, ``meta_q[0] = 0``: ``[b, h, C, dm]``."""
-        mq = self.meta_queries_from(xbar[:, :-1])
+        # Project every chunk's summary, then shift by one chunk: projecting the (strided) slice
+        # xbar[:, :-1] instead makes torch.export guard on batch != 1 and C - 1 != 1.
+        mq = self.meta_queries_from(xbar)[:, :, :-1]
         return F.pad(mq, (0, 0, 1, 0))
 
     # -- forward ---------------------------------------------------------------------------------
