@@ -1,0 +1,55 @@
+"""Where the time of one fused forward + backward goes on CUDA: torch.profiler's kernel table
+(device time per kernel) and the host time per call, for the issue-3 shapes.
+
+    python benchmarks/profile_cuda.py --head-dim 64 --lengths 4k,64k
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import bsbr_ext
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--lengths", default="4k,64k")
+    p.add_argument("--rows", type=int, default=14)
+    args = p.parse_args()
+    for text in args.lengths.split(","):
+        n = int(text.lower().replace("k", "")) * (1024 if "k" in text.lower() else 1)
+        d, h, bsz = args.head_dim, args.heads, args.chunk_size
+        c = (n + bsz - 1) // bsz
+        q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        mq, mk = (torch.randn(1, h, c, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        g = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            out = bsbr_ext.bsbr_attention(q, k, v, mq, mk, bsz)
+            torch.autograd.grad(out, (q, k, v, mq, mk), g)
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step()
+        host = (time.perf_counter() - t0) / 20
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 20
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n== n={n} d={d} h={h} B={bsz}: host time to issue one fwd+bwd {host * 1e3:.3f} ms, "
+              f"wall per call {wall * 1e3:.3f} ms (5 profiled calls below)")
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
