@@ -79,7 +79,7 @@ def retrieval_weights(
     logits = (meta_q.to(dt) @ meta_k.to(dt).transpose(-1, -2)) * meta_scale
     # A finite fill keeps row 0 (no earlier chunk) NaN-free in forward and backward; the final
     # masked_fill then removes it and every masked entry.
-    logits = logits.masked_fill(~earlier, torch.finfo(dt).min)
+    logits = logits.masked_fill(~earlier, torch.finfo(logits.dtype).min)
     return torch.softmax(logits, dim=-1).masked_fill(~earlier, 0.0)
 
 
