@@ -332,14 +332,8 @@ def test_error_devices():
 # ----------------------------------------------------------------------------- public op, opcheck
 
 
-def _has(name, key):
-    return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_public_bsbr_attention(dtype):
-    if not _has("bsbr::bsbr_attention", "Autograd") and not _has("bsbr::bsbr_attention", "CompositeImplicitAutograd"):
-        pytest.skip("public op layer not built")
     b, h, n, d, chunk, w = 2, 2, 170, 64, 32, 8
     gen = torch.Generator(device=DEV).manual_seed(11)
     q, k, v, _, _, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, dtype, gen)
@@ -356,8 +350,6 @@ def test_public_bsbr_attention(dtype):
 
 
 def test_opcheck_internal_ops():
-    if not _has("bsbr::_chunk_attention_fwd", "Meta"):
-        pytest.skip("Meta kernels not built")
     b, h, n, d, ds, chunk, w = 1, 2, 70, 32, 16, 32, 5
     gen = torch.Generator(device=DEV).manual_seed(12)
     q, k, v, qs, ks, mq, mk, R = attn_inputs(b, h, n, d, ds, chunk, torch.float32, gen)
@@ -377,3 +369,21 @@ def test_opcheck_internal_ops():
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode:UserWarning")
+def test_public_op_opcheck_and_no_host_sync(dtype):
+    b, h, n, d, chunk, w = 1, 2, 70, 32, 32, 5
+    gen = torch.Generator(device=DEV).manual_seed(13)
+    q, k, v, _, _, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, dtype, gen)
+    ins = [x.detach().requires_grad_(True) for x in (q, k, v, mq, mk)]
+    torch.library.opcheck(ops.bsbr_attention.default, (*ins, None, None),
+                          dict(chunk_size=chunk, chunk_overlap=w))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        out = ops.bsbr_attention(*ins, chunk_size=chunk, chunk_overlap=w)
+        torch.autograd.grad(out, ins, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
