@@ -114,14 +114,16 @@ struct AttentionScratch {
   }
 };
 
-// scores[i][j] = <q_i, k_j> over the causal window of each row block (q already scaled).
+// out[i][j] = <a_i, b_j> over the causal window of each row block, with a [rows, d] and b given
+// transposed ([d, w.ld]): the scores q k^T (q already scaled) and, in the backward, dO v^T.
 template <typename acc_t>
-void window_scores(const Chunk& ch, int64_t d, AttentionScratch<acc_t>& w, acc_t* scores) {
+void window_scores(const Chunk& ch, int64_t d, const AttentionScratch<acc_t>& w, const acc_t* a,
+                   const acc_t* b_t, acc_t* out) {
   for (int64_t i0 = 0; i0 < ch.rows(); i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, ch.rows() - i0);
     const int64_t cols = std::min(round_up(ch.overlap() + i0 + rows, kColAlign), w.cols);
-    zero(scores + i0 * w.ld, rows, cols, w.ld);
-    gemm_acc(rows, cols, d, w.q.data() + i0 * d, d, 1, w.kt.data(), w.ld, scores + i0 * w.ld, w.ld);
+    zero(out + i0 * w.ld, rows, cols, w.ld);
+    gemm_acc(rows, cols, d, a + i0 * d, d, 1, b_t, w.ld, out + i0 * w.ld, w.ld);
   }
 }
 
@@ -171,7 +173,7 @@ void chunk_attention_fwd_kernel(const Dims& s, const at::Tensor& q, const at::Te
       load(qp + (tok + ch.start) * s.d, ch.rows(), s.d, w.q.data(), acc_t(scale));
       load_transposed(kp + (tok + ch.window_start) * s.d, s.d, ch.window(), s.d, w.kt.data(), w.ld);
       const acc_t* vb = rows_as_acc(vp + (tok + ch.window_start) * s.d, ch.window(), s.d, w.v);
-      window_scores(ch, s.d, w, w.scores.data());
+      window_scores(ch, s.d, w, w.q.data(), w.kt.data(), w.scores.data());
       for (int64_t i = 0; i < ch.rows(); ++i) {
         acc_t* row = w.scores.data() + i * w.ld;
         const int64_t keys = visible(ch, i);
@@ -252,14 +254,8 @@ AttentionGrads chunk_attention_bwd_kernel(
       convert_scale(dstate, dstate, s.ds * s.d, acc_t(state_scale));
 
       // P from the saved lse; dP = dO @ V^T over the same causal blocks.
-      window_scores(ch, s.d, w, w.scores.data());
-      for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock) {
-        const int64_t r = std::min(kRowBlock, rows - i0);
-        const int64_t cols = std::min(round_up(ch.overlap() + i0 + r, kColAlign), w.cols);
-        zero(w.dscores.data() + i0 * w.ld, r, cols, w.ld);
-        gemm_acc(r, cols, s.d, dout + i0 * s.d, s.d, 1, w.vt.data(), w.ld,
-                 w.dscores.data() + i0 * w.ld, w.ld);
-      }
+      window_scores(ch, s.d, w, w.q.data(), w.kt.data(), w.scores.data());
+      window_scores(ch, s.d, w, dout, w.vt.data(), w.dscores.data());
       for (int64_t i = 0; i < rows; ++i) {
         acc_t* p = w.scores.data() + i * w.ld;
         acc_t* dp = w.dscores.data() + i * w.ld;
@@ -386,12 +382,13 @@ void retrieval_row(const scalar_t* mq, const scalar_t* mk, int64_t c, int64_t dm
 // C x ds*d states) runs as register-tiled products instead of one streaming pass per chunk.
 int64_t row_blocks(int64_t num_chunks) { return (num_chunks + kRowBlock - 1) / kRowBlock; }
 
-// Weights p[c][0..C) of chunks [c0, c1) of one (batch, head); entries j >= c are zero.
+// Weights of chunks [c0, c1) of one (batch, head) over all C chunks: row c - c0 of `rows`
+// (leading dim C); entries j >= c are zero.
 template <typename scalar_t, typename acc_t>
 void retrieval_block(const scalar_t* mq, const scalar_t* mk, int64_t c0, int64_t c1, int64_t num_chunks,
-                     int64_t dm, double meta_scale, acc_t* p) {
+                     int64_t dm, double meta_scale, acc_t* rows) {
   for (int64_t c = c0; c < c1; ++c) {
-    acc_t* row = p + c * num_chunks;
+    acc_t* row = rows + (c - c0) * num_chunks;
     std::fill(row, row + num_chunks, acc_t(0));
     retrieval_row(mq, mk, c, dm, meta_scale, row);
   }
@@ -407,7 +404,7 @@ void block_retrieval_fwd_kernel(const at::Tensor& meta_q, const at::Tensor& meta
   const acc_t* fp = ptr<acc_t>(states);
   acc_t* sp = mut<acc_t>(retrieved);
   at::parallel_for(0, bh * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> p(num_chunks * num_chunks);
+    std::vector<acc_t> p(kRowBlock * num_chunks);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, c0 = task % blocks * kRowBlock;
       const int64_t c1 = std::min(c0 + kRowBlock, num_chunks);
@@ -416,7 +413,7 @@ void block_retrieval_fwd_kernel(const at::Tensor& meta_q, const at::Tensor& meta
       acc_t* out = sp + (b * num_chunks + c0) * width;
       zero(out, c1 - c0, width, width);
       // Chunks [c0, c1) read only chunks before c1 - 1.
-      gemm_acc(c1 - c0, width, c1 - 1, p.data() + c0 * num_chunks, num_chunks, 1,
+      gemm_acc(c1 - c0, width, c1 - 1, p.data(), num_chunks, 1,
                fp + b * num_chunks * width, width, out, width);
     }
   });
@@ -454,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_retrieval_bwd_kernel(
       const int64_t c1 = std::min(c0 + kRowBlock, num_chunks);
       const scalar_t *mq = mqp + b * num_chunks * dm, *mk = mkp + b * num_chunks * dm;
       acc_t *p = pp + b * cc, *da = dap + b * cc;
-      retrieval_block(mq, mk, c0, c1, num_chunks, dm, meta_scale, p);
+      retrieval_block(mq, mk, c0, c1, num_chunks, dm, meta_scale, p + c0 * num_chunks);
       gemm_acc(c1 - c0, c1 - 1, width, gp + (b * num_chunks + c0) * width, width, 1,
                ftp + b * width * num_chunks, num_chunks, da + c0 * num_chunks, num_chunks);
       for (int64_t c = c0; c < c1; ++c) {
