@@ -59,7 +59,8 @@ std::string piece(c10::SymIntArrayRef sizes) {
 void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
   TORCH_CHECK_VALUE(chunk_size >= 1, message("chunk_size must be >= 1, got ", chunk_size));
   TORCH_CHECK_VALUE(
-      chunk_overlap >= 0 && chunk_overlap <= chunk_size, message("chunk_overlap must be in [0, chunk_size=", chunk_size, "], got ", chunk_overlap));
+      chunk_overlap >= 0 && chunk_overlap <= chunk_size,
+      message("chunk_overlap must be in [0, chunk_size=", chunk_size, "], got ", chunk_overlap));
 
   // The first defined token tensor fixes batch, heads and seq_len for the others.
   const at::Tensor& first = in.q.defined() ? in.q : (in.k_state.defined() ? in.k_state : in.meta_q);
@@ -89,8 +90,9 @@ void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
   }
   if (in.q_state.defined() && in.k_state.defined() && !in.q_state.is_same(in.k_state)) {
     TORCH_CHECK_VALUE(
-        in.q_state.sym_size(3) == in.k_state.sym_size(3), message("q_state and k_state must have the same state_dim, got ", in.q_state.sym_size(3), " and ",
-        in.k_state.sym_size(3)));
+        in.q_state.sym_size(3) == in.k_state.sym_size(3),
+        message("q_state and k_state must have the same state_dim, got ", in.q_state.sym_size(3),
+                " and ", in.k_state.sym_size(3)));
   }
 
   // Chunk-level tensors: meta queries/keys and states, C = ceil(seq_len / chunk_size).
@@ -109,8 +111,9 @@ void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
   }
   if (in.meta_q.defined() && in.meta_k.defined()) {
     TORCH_CHECK_VALUE(
-        in.meta_q.sym_size(3) == in.meta_k.sym_size(3), message("meta_q and meta_k must have the same meta_dim, got ", in.meta_q.sym_size(3), " and ",
-        in.meta_k.sym_size(3)));
+        in.meta_q.sym_size(3) == in.meta_k.sym_size(3),
+        message("meta_q and meta_k must have the same meta_dim, got ", in.meta_q.sym_size(3),
+                " and ", in.meta_k.sym_size(3)));
   }
   if (in.states.defined()) {
     const char* name = in.q.defined() ? "retrieved" : "states";
@@ -121,8 +124,9 @@ void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
     check_dims(in.states, name, chunked, "[batch, heads, num_chunks, state_dim, head_dim]", chunk_rule);
     if (in.q_state.defined()) {
       TORCH_CHECK_VALUE(
-          in.states.sym_size(3) == in.q_state.sym_size(3) && in.states.sym_size(4) == in.q.sym_size(3), message(name, " must have [state_dim, head_dim] = [", in.q_state.sym_size(3), ", ",
-          in.q.sym_size(3), "], got shape ", in.states.sym_sizes()));
+          in.states.sym_size(3) == in.q_state.sym_size(3) && in.states.sym_size(4) == in.q.sym_size(3),
+          message(name, " must have [state_dim, head_dim] = [", in.q_state.sym_size(3), ", ",
+                  in.q.sym_size(3), "], got shape ", in.states.sym_sizes()));
     }
   }
 }
