@@ -151,20 +151,40 @@ void check_sizes(int64_t b, int64_t h, int64_t n, int64_t chunk) {
 
 // ------------------------------------------------------------------ chunk states
 
+// Params of the per-chunk state kernels over x [b, h, n, ds] (k_state, or q_state for dS) and
+// y [b, h, n, d] (v, or dO); xx and yy keep the prepared views alive for the launch.
+AttnParams state_params(const Tensor& x, const Tensor& y, int64_t chunk, Tensor& xx, Tensor& yy) {
+  AttnParams p;
+  p.simt = force_simt() || y.scalar_type() == at::kFloat;
+  xx = prep_token(x, !p.simt);
+  yy = prep_token(y, !p.simt);
+  p.qs = xx.data_ptr();
+  p.qs_st = strides_of(xx);
+  p.v = yy.data_ptr();
+  p.v_st = strides_of(yy);
+  p.b = y.size(0), p.h = y.size(1), p.n = y.size(2), p.ds = x.size(3), p.chunk = chunk;
+  p.num_chunks = (y.size(2) + chunk - 1) / chunk;
+  return p;
+}
+
+void check_state_inputs(const Tensor& k_state, const Tensor& v, int64_t chunk_size) {
+  check_dtype(v.scalar_type(), "v");
+  check_token(v, "v", v);
+  check_token(k_state, "k_state", v);
+  check_head_dim(v.size(3));
+  check_state_dim(k_state.size(3), v.size(3));
+  check_chunk(chunk_size, 0);
+  check_sizes(v.size(0), v.size(1), v.size(2), chunk_size);
+}
+
 Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_scale) {
   const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
   const int64_t C = (n + chunk - 1) / chunk;
   Tensor out = at::empty({b, h, C, ds, d}, y.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  AttnParams p;
-  p.simt = force_simt() || y.scalar_type() == at::kFloat;
-  Tensor xx = prep_token(x, !p.simt), yy = prep_token(y, !p.simt);
-  p.qs = xx.data_ptr();
-  p.qs_st = strides_of(xx);
-  p.v = yy.data_ptr();
-  p.v_st = strides_of(yy);
+  Tensor xx, yy;
+  AttnParams p = state_params(x, y, chunk, xx, yy);
   p.states = out.data_ptr<float>();
-  p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.num_chunks = C;
   p.out_scale = static_cast<float>(out_scale);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
@@ -174,13 +194,7 @@ Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_s
 }
 
 Tensor chunk_states_fwd(const Tensor& k_state, const Tensor& v, int64_t chunk_size) {
-  check_dtype(v.scalar_type(), "v");
-  check_token(v, "v", v);
-  check_token(k_state, "k_state", v);
-  check_head_dim(v.size(3));
-  check_state_dim(k_state.size(3), v.size(3));
-  check_chunk(chunk_size, 0);
-  check_sizes(v.size(0), v.size(1), v.size(2), chunk_size);
+  check_state_inputs(k_state, v, chunk_size);
   c10::cuda::CUDAGuard guard(v.device());
   return states_impl(k_state, v, chunk_size, 1.0);
 }
@@ -189,24 +203,17 @@ Tensor chunk_states_fwd(const Tensor& k_state, const Tensor& v, int64_t chunk_si
 std::tuple<Tensor, Tensor> states_bwd_impl(const Tensor& gF, const Tensor& x, const Tensor& y,
                                            int64_t chunk, const Tensor& dv_add) {
   const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
-  const int64_t C = (n + chunk - 1) / chunk;
   Tensor gx = at::empty({b, h, n, ds}, x.options());
   Tensor gy = dv_add.defined() ? dv_add : at::empty({b, h, n, d}, y.options());
   if (gx.numel() == 0 || gy.numel() == 0) return {gx.zero_(), gy};
   Tensor F = gF.contiguous();
   if (reinterpret_cast<uintptr_t>(F.data_ptr()) % 16 != 0) F = F.clone();  // float4 loads
-  AttnParams p;
-  p.simt = force_simt() || y.scalar_type() == at::kFloat;
-  Tensor xx = prep_token(x, !p.simt), yy = prep_token(y, !p.simt);
-  p.qs = xx.data_ptr();
-  p.qs_st = strides_of(xx);
-  p.v = yy.data_ptr();
-  p.v_st = strides_of(yy);
+  Tensor xx, yy;
+  AttnParams p = state_params(x, y, chunk, xx, yy);
   p.S = F.data_ptr<float>();
   p.dqs = gx.data_ptr();
   p.dv = gy.data_ptr();
   p.dv_add = dv_add.defined() ? dv_add.data_ptr() : nullptr;
-  p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.num_chunks = C;
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
     run_states_bwd<decltype(t), decltype(dim)::value>(p, stream);
@@ -216,14 +223,8 @@ std::tuple<Tensor, Tensor> states_bwd_impl(const Tensor& gF, const Tensor& x, co
 
 std::tuple<Tensor, Tensor> chunk_states_bwd(const Tensor& grad_states, const Tensor& k_state,
                                             const Tensor& v, int64_t chunk_size) {
-  check_dtype(v.scalar_type(), "v");
-  check_token(v, "v", v);
-  check_token(k_state, "k_state", v);
+  check_state_inputs(k_state, v, chunk_size);
   check_fp32(grad_states, "grad_states", v);
-  check_head_dim(v.size(3));
-  check_state_dim(k_state.size(3), v.size(3));
-  check_chunk(chunk_size, 0);
-  check_sizes(v.size(0), v.size(1), v.size(2), chunk_size);
   c10::cuda::CUDAGuard guard(v.device());
   return states_bwd_impl(grad_states, k_state, v, chunk_size, Tensor());
 }
