@@ -56,11 +56,15 @@ std::string piece(c10::SymIntArrayRef sizes) {
   return s + "]";
 }
 
-void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
+void check_chunking(int64_t chunk_size, int64_t chunk_overlap) {
   TORCH_CHECK_VALUE(chunk_size >= 1, message("chunk_size must be >= 1, got ", chunk_size));
   TORCH_CHECK_VALUE(
       chunk_overlap >= 0 && chunk_overlap <= chunk_size,
       message("chunk_overlap must be in [0, chunk_size=", chunk_size, "], got ", chunk_overlap));
+}
+
+void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
+  check_chunking(chunk_size, chunk_overlap);
 
   // The first defined token tensor fixes batch, heads and seq_len for the others.
   const at::Tensor& first = in.q.defined() ? in.q : (in.k_state.defined() ? in.k_state : in.meta_q);

@@ -53,6 +53,7 @@ struct Inputs {
   at::Tensor q, k, v, meta_q, meta_k, q_state, k_state, states;
 };
 void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap);
+void check_chunking(int64_t chunk_size, int64_t chunk_overlap);  // chunk_size >= 1, 0 <= overlap <= it
 
 Scales resolve_scales(
     const at::Tensor& q,

@@ -74,4 +74,19 @@ inline T5 chunk_attention_bwd(const T& g, const T& q, const T& k, const T& v, co
   return h.call(g, q, k, v, qs, retrieved, out, lse, chunk, overlap, scale, state_scale);
 }
 
+inline T decode_attention(const T& q, const T& k, const T& v, T& window_k, T& window_v,
+                         const T& retrieved, const T& position, const T& qs, int64_t chunk,
+                         int64_t overlap, double scale, double state_scale) {
+  static auto h = op<T(const T&, const T&, const T&, T&, T&, const T&, const T&, const T&, int64_t,
+                       int64_t, double, double)>("bsbr::_decode_attention");
+  return h.call(q, k, v, window_k, window_v, retrieved, position, qs, chunk, overlap, scale,
+                state_scale);
+}
+
+inline T decode_retrieval(const T& mq, const T& mk, const T& states, const T& num_chunks,
+                          double meta_scale) {
+  static auto h = op<T(const T&, const T&, const T&, const T&, double)>("bsbr::_decode_retrieval");
+  return h.call(mq, mk, states, num_chunks, meta_scale);
+}
+
 }  // namespace bsbr::internal

@@ -15,6 +15,17 @@
 // [b, h, C, ds, d] in the state dtype (fp64 for fp64 inputs, fp32 otherwise); lse [b, h, n] fp32
 // (fp64 for fp64 inputs), the log-sum-exp of the scaled local scores of each query.
 // Internal ops take resolved scales; public ops take optional ones (None = SPEC default).
+//
+// Streaming decode (inference only, no autograd; python/bsbr_ext/cache.py drives them), one new
+// token per row, each row at its own position:
+//   decode_attention: q, k, v, q_state [b, h, d|ds] of the new token; window_k/window_v
+//     [b, h, chunk_overlap + chunk_size, d] hold the overlap (slots [0, w), the last w tokens of
+//     the previous chunk) and the current chunk (slot w + p for its p-th token); retrieved
+//     [b, h, ds, d] is S_c of the row's current chunk; position [b] int64 is the index t of the
+//     new token in its row. Writes k, v into slot w + t % chunk_size, then returns o_t [b, h, d].
+//   decode_retrieval: S = sum_{j < num_chunks} softmax_j(meta_scale <meta_q, meta_k[j]>) states[j]
+//     per row, for meta_q [b, h, dm], meta_k [b, h, capacity, dm], states [b, h, capacity, ds, d],
+//     num_chunks [b] int64 (clamped to [0, capacity]; 0 gives S = 0). Returns [b, h, ds, d].
 #include <torch/library.h>
 
 TORCH_LIBRARY(bsbr, m) {
@@ -29,6 +40,13 @@ TORCH_LIBRARY(bsbr, m) {
   m.def(
       "chunk_attention(Tensor q, Tensor k, Tensor v, Tensor q_state, Tensor retrieved, *, "
       "int chunk_size, int chunk_overlap=0, float? scale=None, float? state_scale=None) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) window_k, Tensor(b!) window_v, "
+      "Tensor retrieved, Tensor position, Tensor? q_state=None, *, int chunk_size, "
+      "int chunk_overlap=0, float? scale=None, float? state_scale=None) -> Tensor");
+  m.def(
+      "decode_retrieval(Tensor meta_q, Tensor meta_k, Tensor states, Tensor num_chunks, *, "
+      "float? meta_scale=None) -> Tensor");
 
   // Fused forward: returns the output and the lse of the local softmax. Saves nothing else, so
   // the backward recomputes chunk states and retrieval (cheap: O(n ds d) and O(C^2 ds d)).
@@ -61,4 +79,11 @@ TORCH_LIBRARY(bsbr, m) {
       "Tensor retrieved, Tensor out, Tensor lse, int chunk_size, int chunk_overlap, float scale, "
       "float state_scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_q_state, "
       "Tensor grad_retrieved)");
+  m.def(
+      "_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) window_k, Tensor(b!) window_v, "
+      "Tensor retrieved, Tensor position, Tensor q_state, int chunk_size, int chunk_overlap, "
+      "float scale, float state_scale) -> Tensor");
+  m.def(
+      "_decode_retrieval(Tensor meta_q, Tensor meta_k, Tensor states, Tensor num_chunks, "
+      "float meta_scale) -> Tensor");
 }

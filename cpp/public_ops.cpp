@@ -223,6 +223,101 @@ at::Tensor chunk_attention_inference(const at::Tensor& q, const at::Tensor& k, c
                                                    sc.scale, sc.state_scale));
 }
 
+// ---- streaming decode (inference only) ----------------------------------------------------
+
+void check_decode_tensor(const at::Tensor& t, const char* name, int64_t rank, const char* layout,
+                         const at::Tensor& q) {
+  TORCH_CHECK_VALUE(t.dim() == rank, message(name, " must be a ", rank, "-D tensor ", layout,
+                                             ", got shape ", t.sym_sizes()));
+  TORCH_CHECK_VALUE(t.device() == q.device(), message(name, " must be on the same device as q (",
+                                                      q.device(), "), got ", t.device()));
+  TORCH_CHECK_VALUE(t.sym_size(0) == q.sym_size(0) && (rank == 1 || t.sym_size(1) == q.sym_size(1)),
+                    message(name, " must have shape ", layout, " with [batch, heads] of q = [",
+                            q.sym_size(0), ", ", q.sym_size(1), "], got shape ", t.sym_sizes()));
+}
+
+void check_decode_position(const at::Tensor& position, const char* name, const at::Tensor& q) {
+  check_decode_tensor(position, name, 1, "[batch]", q);
+  TORCH_CHECK_TYPE(position.scalar_type() == at::kLong,
+                   message(name, " must be int64, got ", position.scalar_type()));
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::Tensor& window_k, at::Tensor& window_v, const at::Tensor& retrieved,
+                            const at::Tensor& position, const OptTensor& q_state, int64_t chunk_size,
+                            int64_t chunk_overlap, OptDouble scale, OptDouble state_scale) {
+  check_chunking(chunk_size, chunk_overlap);
+  const char* token_layout = "[batch, heads, head_dim]";
+  check_decode_tensor(q, "q", 3, token_layout, q);
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()),
+                   message("q must be a floating-point tensor, got ", q.scalar_type()));
+  for (auto [t, name] : {std::pair{k, "k"}, std::pair{v, "v"}}) {
+    check_decode_tensor(t, name, 3, token_layout, q);
+    TORCH_CHECK_VALUE(t.sym_size(2) == q.sym_size(2),
+                      message(name, " must have the shape of q ", q.sym_sizes(), ", got ", t.sym_sizes()));
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), message(name, " must have the dtype of q (",
+                     q.scalar_type(), "), got ", t.scalar_type()));
+  }
+  const char* window_layout = "[batch, heads, chunk_overlap + chunk_size, head_dim]";
+  for (auto [t, name] : {std::pair{window_k, "window_k"}, std::pair{window_v, "window_v"}}) {
+    check_decode_tensor(t, name, 4, window_layout, q);
+    TORCH_CHECK_VALUE(t.sym_size(2) == chunk_overlap + chunk_size && t.sym_size(3) == q.sym_size(2),
+                      message(name, " must have shape ", window_layout, " = [..., ",
+                              chunk_overlap + chunk_size, ", ", q.sym_size(2), "], got shape ",
+                              t.sym_sizes()));
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), message(name, " must have the dtype of q (",
+                     q.scalar_type(), "), got ", t.scalar_type()));
+    TORCH_CHECK_VALUE(t.is_contiguous(), message(name, " must be contiguous (it is written in place)"));
+  }
+  const at::Tensor qs = q_state.value_or(q);
+  if (q_state.has_value()) {
+    check_decode_tensor(qs, "q_state", 3, "[batch, heads, state_dim]", q);
+    TORCH_CHECK_TYPE(qs.scalar_type() == q.scalar_type(), message("q_state must have the dtype of q (",
+                     q.scalar_type(), "), got ", qs.scalar_type()));
+  }
+  check_decode_tensor(retrieved, "retrieved", 4, "[batch, heads, state_dim, head_dim]", q);
+  TORCH_CHECK_VALUE(retrieved.sym_size(2) == qs.sym_size(2) && retrieved.sym_size(3) == q.sym_size(2),
+                    message("retrieved must have [state_dim, head_dim] = [", qs.sym_size(2), ", ",
+                            q.sym_size(2), "], got shape ", retrieved.sym_sizes()));
+  TORCH_CHECK_TYPE(retrieved.scalar_type() == state_dtype(q.scalar_type()),
+                   message("retrieved must be ", state_dtype(q.scalar_type()),
+                           " (states are kept in fp32, fp64 for fp64 inputs), got ",
+                           retrieved.scalar_type()));
+  check_decode_position(position, "position", q);
+  // A token tensor of shape [b, h, d] reads like [b, h, n=d, ...] to resolve_scales: only the
+  // last dims matter there.
+  const auto sc = resolve_scales(q, {}, qs, chunk_size, scale, std::nullopt, state_scale);
+  return internal::decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), window_k, window_v,
+                                    retrieved.contiguous(), position.contiguous(), qs.contiguous(),
+                                    chunk_size, chunk_overlap, sc.scale, sc.state_scale);
+}
+
+at::Tensor decode_retrieval(const at::Tensor& meta_q, const at::Tensor& meta_k, const at::Tensor& states,
+                            const at::Tensor& num_chunks, OptDouble meta_scale) {
+  check_decode_tensor(meta_q, "meta_q", 3, "[batch, heads, meta_dim]", meta_q);
+  TORCH_CHECK_TYPE(at::isFloatingType(meta_q.scalar_type()),
+                   message("meta_q must be a floating-point tensor, got ", meta_q.scalar_type()));
+  check_decode_tensor(meta_k, "meta_k", 4, "[batch, heads, capacity, meta_dim]", meta_q);
+  TORCH_CHECK_VALUE(meta_k.sym_size(3) == meta_q.sym_size(2),
+                    message("meta_k must have the meta_dim of meta_q (", meta_q.sym_size(2),
+                            "), got shape ", meta_k.sym_sizes()));
+  TORCH_CHECK_TYPE(meta_k.scalar_type() == meta_q.scalar_type(), message(
+                   "meta_k must have the dtype of meta_q (", meta_q.scalar_type(), "), got ",
+                   meta_k.scalar_type()));
+  check_decode_tensor(states, "states", 5, "[batch, heads, capacity, state_dim, head_dim]", meta_q);
+  TORCH_CHECK_VALUE(states.sym_size(2) == meta_k.sym_size(2),
+                    message("states must have the capacity of meta_k (", meta_k.sym_size(2),
+                            "), got shape ", states.sym_sizes()));
+  TORCH_CHECK_TYPE(states.scalar_type() == state_dtype(meta_q.scalar_type()),
+                   message("states must be ", state_dtype(meta_q.scalar_type()),
+                           " (states are kept in fp32, fp64 for fp64 inputs), got ",
+                           states.scalar_type()));
+  check_decode_position(num_chunks, "num_chunks", meta_q);
+  const double ms = resolve_scales({}, meta_q, {}, 1, std::nullopt, meta_scale, std::nullopt).meta_scale;
+  return internal::decode_retrieval(meta_q.contiguous(), meta_k.contiguous(), states.contiguous(),
+                                    num_chunks.contiguous(), ms);
+}
+
 }  // namespace
 }  // namespace bsbr
 
@@ -235,7 +330,9 @@ TORCH_LIBRARY_IMPL(bsbr, Autograd, m) {
   // through one raises instead of silently returning wrong gradients.
   for (const char* name :
        {"_bsbr_attention_fwd", "_bsbr_attention_bwd", "_chunk_states_fwd", "_chunk_states_bwd",
-        "_block_retrieval_fwd", "_block_retrieval_bwd", "_chunk_attention_fwd", "_chunk_attention_bwd"}) {
+        "_block_retrieval_fwd", "_block_retrieval_bwd", "_chunk_attention_fwd", "_chunk_attention_bwd",
+        // Decoding is inference only: a gradient through it raises.
+        "decode_attention", "decode_retrieval", "_decode_attention", "_decode_retrieval"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
 }
@@ -245,4 +342,6 @@ TORCH_LIBRARY_IMPL(bsbr, CompositeExplicitAutograd, m) {
   m.impl("chunk_states", &bsbr::chunk_states_inference);
   m.impl("block_retrieval", &bsbr::block_retrieval_inference);
   m.impl("chunk_attention", &bsbr::chunk_attention_inference);
+  m.impl("decode_attention", &bsbr::decode_attention);
+  m.impl("decode_retrieval", &bsbr::decode_retrieval);
 }

@@ -64,6 +64,18 @@ bsbr_attention_bwd(const at::Tensor&, const at::Tensor& q, const at::Tensor& k, 
   return {like(q), like(k), like(v), like(meta_q), like(meta_k), like(q_state), like(k_state)};
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                            at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            int64_t, double, double) {
+  return like(q);
+}
+
+at::Tensor decode_retrieval(const at::Tensor&, const at::Tensor&, const at::Tensor& states,
+                            const at::Tensor&, double) {
+  return at::empty_symint({states.sym_size(0), states.sym_size(1), states.sym_size(3), states.sym_size(4)},
+                          states.options());
+}
+
 }  // namespace
 }  // namespace bsbr::meta
 
@@ -77,4 +89,6 @@ TORCH_LIBRARY_IMPL(bsbr, Meta, m) {
   m.impl("_block_retrieval_bwd", &block_retrieval_bwd);
   m.impl("_chunk_attention_fwd", &chunk_attention_fwd);
   m.impl("_chunk_attention_bwd", &chunk_attention_bwd);
+  m.impl("_decode_attention", &decode_attention);
+  m.impl("_decode_retrieval", &decode_retrieval);
 }

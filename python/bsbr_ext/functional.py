@@ -13,7 +13,14 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.bsbr)
 
-__all__ = ["bsbr_attention", "block_retrieval", "chunk_attention", "chunk_states"]
+__all__ = [
+    "bsbr_attention",
+    "block_retrieval",
+    "chunk_attention",
+    "chunk_states",
+    "decode_attention",
+    "decode_retrieval",
+]
 
 
 def bsbr_attention(
@@ -73,3 +80,44 @@ def chunk_attention(
         q, k, v, q_state, retrieved,
         chunk_size=chunk_size, chunk_overlap=chunk_overlap, scale=scale, state_scale=state_scale,
     )
+
+
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window_k: Tensor,
+    window_v: Tensor,
+    retrieved: Tensor,
+    position: Tensor,
+    chunk_size: int,
+    chunk_overlap: int = 0,
+    scale: Optional[float] = None,
+    state_scale: Optional[float] = None,
+    q_state: Optional[Tensor] = None,
+) -> Tensor:
+    """One decoding step (inference only): writes the new token's ``k, v`` (``[b, h, d]``) into
+    slot ``chunk_overlap + position % chunk_size`` of ``window_k/window_v``
+    (``[b, h, chunk_overlap + chunk_size, d]``, in place) and returns its output ``[b, h, d]``:
+    the long-range term ``state_scale * q_state @ retrieved`` (``retrieved``: ``[b, h, ds, d]``
+    fp32, skipped in a row's first chunk) plus causal softmax attention over the row's window.
+    ``position``: ``[b]`` int64, the index of the new token in each row."""
+    return torch.ops.bsbr.decode_attention(
+        q, k, v, window_k, window_v, retrieved, position, q_state,
+        chunk_size=chunk_size, chunk_overlap=chunk_overlap, scale=scale, state_scale=state_scale,
+    )
+
+
+def decode_retrieval(
+    meta_q: Tensor,
+    meta_k: Tensor,
+    states: Tensor,
+    num_chunks: Tensor,
+    meta_scale: Optional[float] = None,
+) -> Tensor:
+    """The retrieved state of one chunk per row (inference only):
+    ``sum_{j < num_chunks} softmax_j(meta_scale <meta_q, meta_k[j]>) states[j]``, 0 when
+    ``num_chunks`` is 0. meta_q ``[b, h, dm]``, meta_k ``[b, h, cap, dm]``, states
+    ``[b, h, cap, ds, d]`` (fp32), num_chunks ``[b]`` int64; returns ``[b, h, ds, d]``."""
+    return torch.ops.bsbr.decode_retrieval(meta_q, meta_k, states, num_chunks, meta_scale=meta_scale)
+

@@ -22,6 +22,8 @@ __all__ = [
     "block_retrieval",
     "chunk_attention",
     "chunk_states",
+    "decode_attention",
+    "decode_retrieval",
     "retrieval_weights",
     "resolve_scales",
 ]
@@ -202,3 +204,68 @@ def bsbr_attention_dense(
     a = a.masked_fill(~(chunk.view(1, n) < chunk.view(n, 1)), 0.0)
     long_range = (a * (q_state @ k_state.transpose(-1, -2))) @ v
     return local + long_range
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming decode (the plain-PyTorch twins of torch.ops.bsbr.decode_attention / decode_retrieval)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    retrieved: torch.Tensor,
+    position: torch.Tensor,
+    chunk_size: int,
+    chunk_overlap: int = 0,
+    scale: Optional[float] = None,
+    state_scale: Optional[float] = None,
+    q_state: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One new token per row: writes ``k, v`` into slot ``w + t % B`` of the windows (in place),
+    then returns ``o_t = state_scale * q_state @ S_c [c >= 1] + softmax(scale q . window) window_v``
+    over the slots of ``W(t)``: ``[w, w + p]`` in the first chunk, ``[0, w + p]`` after it.
+
+    Shapes: q, k, v ``[b, h, d]``; windows ``[b, h, w + B, d]``; retrieved ``[b, h, ds, d]``;
+    position ``[b]`` (the index t of the new token in its row); q_state ``[b, h, ds]``.
+    """
+    w, size = chunk_overlap, chunk_size
+    qs = q if q_state is None else q_state
+    scale, _, state_scale = resolve_scales(q.shape[-1], 1, qs.shape[-1], size, scale, None, state_scale)
+    acc = state_dtype(q.dtype)
+    chunk, offset = position // size, position % size
+    rows = torch.arange(q.shape[0], device=q.device)
+    window_k[rows, :, w + offset] = k
+    window_v[rows, :, w + offset] = v
+    slots = torch.arange(w + size, device=q.device)
+    lo = torch.where(chunk == 0, w, 0)
+    valid = (slots >= lo[:, None]) & (slots <= (w + offset)[:, None])  # [b, w + B]
+    scores = torch.einsum("bhd,bhsd->bhs", q.to(acc), window_k.to(acc)) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    local = torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), window_v.to(acc))
+    state = torch.einsum("bhs,bhsd->bhd", qs.to(acc), retrieved.to(acc)) * state_scale
+    state = torch.where((chunk >= 1)[:, None, None], state, torch.zeros_like(state))
+    return (local + state).to(q.dtype)
+
+
+def decode_retrieval(
+    meta_q: torch.Tensor,
+    meta_k: torch.Tensor,
+    states: torch.Tensor,
+    num_chunks: torch.Tensor,
+    meta_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """``S = sum_{j < num_chunks} softmax_j(meta_scale <meta_q, meta_k[j]>) states[j]`` per row
+    (0 when num_chunks is 0): meta_q ``[b, h, dm]``, meta_k ``[b, h, cap, dm]``, states
+    ``[b, h, cap, ds, d]``, num_chunks ``[b]``; returns ``[b, h, ds, d]`` in the states' dtype."""
+    _, meta_scale, _ = resolve_scales(1, meta_q.shape[-1], 1, 1, None, meta_scale, None)
+    acc = states.dtype
+    logits = torch.einsum("bhm,bhjm->bhj", meta_q.to(acc), meta_k.to(acc)) * meta_scale
+    valid = torch.arange(meta_k.shape[2], device=meta_k.device)[None, :] < num_chunks[:, None]
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    # A row with no earlier chunk retrieves nothing (not NaN).
+    weights = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
+    return torch.einsum("bhj,bhjsd->bhsd", weights, states)
+
