@@ -3,6 +3,8 @@
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from . import _C, functional, reference
+from .cache import BSBRCache, BSBRLayerCache
+from .causal_lm import BSBRForCausalLM, CausalLMOutput
 from .functional import bsbr_attention, block_retrieval, chunk_attention, chunk_states
 from .modules import BSBRAttention, BSBRLayer, BSBRModel
 
@@ -16,8 +18,12 @@ def build_info() -> dict:
 
 __all__ = [
     "BSBRAttention",
+    "BSBRCache",
+    "BSBRForCausalLM",
     "BSBRLayer",
+    "BSBRLayerCache",
     "BSBRModel",
+    "CausalLMOutput",
     "block_retrieval",
     "bsbr_attention",
     "build_info",

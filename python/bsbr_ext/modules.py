@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import bsbr_attention
+from .cache import BSBRCache, BSBRLayerCache
+from .functional import bsbr_attention, chunk_states, decode_attention, decode_retrieval
 
 __all__ = ["BSBRAttention", "BSBRLayer", "BSBRModel"]
 
@@ -187,13 +188,9 @@ class BSBRAttention(nn.Module):
             return None
         return self.state_proj(t)
 
-    def chunk_summaries(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """``xbar: [b, C, hidden]``, the mean of ``x`` over the real tokens of each chunk.
-
-        ``mask`` (bool ``[b, n]``, True = token) excludes padding; a chunk without real tokens
-        gets 0; the partial last chunk is averaged over the tokens it has. Sums are accumulated in
-        fp32 (fp64 for fp64 inputs).
-        """
+    def chunk_sums(self, x: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Per-chunk sums of ``x`` over real tokens (``[b, C, hidden]``, fp32; fp64 for fp64) and
+        the token counts (broadcastable to the sums)."""
         b, n, e = x.shape[0], x.shape[1], x.shape[2]
         size = self.chunk_size
         c = (n + size - 1) // size
@@ -207,6 +204,15 @@ class BSBRAttention(nn.Module):
             xm = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x))
             sums = F.pad(xm, (0, 0, 0, pad)).view(b, c, size, e).sum(dim=2, dtype=acc)
             counts = F.pad(mask.to(acc), (0, pad)).view(b, c, size).sum(dim=2).unsqueeze(-1)
+        return sums, counts
+
+    def chunk_summaries(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``xbar: [b, C, hidden]``, the mean of ``x`` over the real tokens of each chunk.
+
+        ``mask`` (bool ``[b, n]``, True = token) excludes padding; a chunk without real tokens
+        gets 0; the partial last chunk is averaged over the tokens it has.
+        """
+        sums, counts = self.chunk_sums(x, mask)
         return (sums / counts.clamp(min=1.0)).to(x.dtype)
 
     def meta_keys(self, xbar: Tensor) -> Tensor:
@@ -226,6 +232,22 @@ class BSBRAttention(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def packed_inputs(self, x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(x, q, k, v)`` of a packed batch with padding zeroed in ``x`` and ``v``."""
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x))
+        q, k, v = self.project_qkv(x)
+        if mask is not None:
+            v = torch.where(mask.view(mask.shape[0], 1, mask.shape[1], 1), v, torch.zeros_like(v))
+        return x, q, k, v
+
+    def output(self, heads_out: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """Output projection of ``[b, h, n, d]``; 0 at padding positions."""
+        out = self.out_proj(self.dropout(self.merge_heads(heads_out)))
+        if mask is not None:
+            out = torch.where(mask.unsqueeze(-1), out, torch.zeros_like(out))
+        return out
+
     def forward_packed(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Forward on a packed batch: ``mask`` (bool ``[b, n]``) is True on a prefix of each row.
 
@@ -234,11 +256,7 @@ class BSBRAttention(nn.Module):
         zeroed (so chunk states ``k_state^T v`` sum over real tokens only), it is excluded from
         the summaries, and its outputs are 0.
         """
-        if mask is not None:
-            x = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x))
-        q, k, v = self.project_qkv(x)
-        if mask is not None:
-            v = torch.where(mask.view(mask.shape[0], 1, mask.shape[1], 1), v, torch.zeros_like(v))
+        x, q, k, v = self.packed_inputs(x, mask)
         xbar = self.chunk_summaries(x, mask)
         out = bsbr_attention(
             q,
@@ -254,10 +272,98 @@ class BSBRAttention(nn.Module):
             self.project_state(q),
             self.project_state(k),
         )
-        out = self.out_proj(self.dropout(self.merge_heads(out)))
-        if mask is not None:
-            out = torch.where(mask.unsqueeze(-1), out, torch.zeros_like(out))
-        return out
+        return self.output(out, mask)
+
+    # -- streaming (see bsbr_ext.cache; Python only, not part of the TorchScript surface) --------
+
+    @torch.jit.unused
+    def prefill(self, x: Tensor, mask: Optional[Tensor], lengths: Tensor):
+        """``forward_packed`` that also returns this layer's :class:`BSBRLayerCache` for rows of
+        ``lengths`` real tokens (``[b]`` int64, the packed prefix lengths)."""
+        x, q, k, v = self.packed_inputs(x, mask)
+        sums, counts = self.chunk_sums(x, mask)
+        xbar = (sums / counts.clamp(min=1.0)).to(x.dtype)
+        meta_k = self.meta_keys(xbar)
+        k_state = self.project_state(k)
+        out = bsbr_attention(
+            q, k, v, self.meta_queries(xbar), meta_k, self.chunk_size, self.chunk_overlap,
+            None, None, None, self.project_state(q), k_state,
+        )
+        with torch.no_grad():
+            cache = self._build_cache(
+                k.detach(), v.detach(), k.detach() if k_state is None else k_state.detach(),
+                sums, xbar.detach(), meta_k.detach(), lengths,
+            )
+        return self.output(out, mask), cache
+
+    def _build_cache(
+        self, k: Tensor, v: Tensor, k_state: Tensor, sums: Tensor, xbar: Tensor, meta_k: Tensor,
+        lengths: Tensor,
+    ) -> BSBRLayerCache:
+        b, h, n, d = k.shape
+        size, w = self.chunk_size, self.chunk_overlap
+        chunk = lengths // size  # the chunk each row's next token falls in
+        # Window slot s holds token chunk*B - w + s while that token exists.
+        tokens = chunk[:, None] * size - w + torch.arange(w + size, device=k.device)
+        present = (tokens >= 0) & (tokens < lengths[:, None])
+        index = tokens.clamp(0, n - 1).view(b, 1, w + size, 1)
+
+        def window(t: Tensor) -> Tensor:
+            got = t.gather(2, index.expand(b, h, w + size, d))
+            return torch.where(present.view(b, 1, w + size, 1), got, torch.zeros_like(got))
+
+        states = chunk_states(k_state, v, size)
+        # The meta query of each row's current chunk comes from the summary of the chunk before.
+        rows = torch.arange(b, device=k.device)
+        prev = (chunk - 1).clamp(min=0)
+        meta_q = self.meta_queries_from(xbar[rows, prev].unsqueeze(1))[:, :, 0]
+        retrieved = decode_retrieval(meta_q, meta_k, states, chunk)
+        # The running sum of the current chunk (0 when no token of it has arrived).
+        current = sums[rows, chunk.clamp(max=sums.shape[1] - 1)]
+        summary = torch.where((lengths % size != 0).unsqueeze(-1), current, torch.zeros_like(current))
+        return BSBRLayerCache(
+            window(k), window(v), states, meta_k, retrieved, summary.to(retrieved.dtype)
+        )
+
+    @torch.jit.unused
+    def decode(self, x: Tensor, layer_cache: BSBRLayerCache, cache: BSBRCache) -> Tensor:
+        """One token per row (``x: [b, 1, hidden]``) at positions ``cache.lengths``: its output
+        ``[b, 1, hidden]``, updating ``layer_cache`` in place (the caller advances ``cache``)."""
+        b = x.shape[0]
+        size, w = self.chunk_size, self.chunk_overlap
+        q, k, v = (t[:, :, 0] for t in self.project_qkv(x))
+        q_state = self.project_state(q)
+        lc = layer_cache
+        out = decode_attention(
+            q, k, v, lc.window_k, lc.window_v, lc.retrieved, cache.lengths, size, w,
+            q_state=q_state,
+        )
+        lc.summary += x[:, 0]
+        if cache.next_token_completes_chunk():
+            self._complete_chunk(lc, cache.lengths, x.dtype)
+        return self.output(out.view(b, self.num_heads, 1, self.head_dim), None)
+
+    def _complete_chunk(self, lc: BSBRLayerCache, lengths: Tensor, dtype: torch.dtype) -> None:
+        """Store the state and meta key of each row's chunk that the current token completes,
+        retrieve the next chunk's state, and move the overlap; rows whose chunk goes on keep
+        theirs (what is written at their current chunk's index is overwritten before use)."""
+        size, w = self.chunk_size, self.chunk_overlap
+        done = lengths % size == size - 1
+        chunk = lengths // size
+        rows = torch.arange(lengths.shape[0], device=lengths.device)
+        keys, values = lc.window_k[:, :, w:], lc.window_v[:, :, w:]
+        k_state = self.project_state(keys)
+        lc.states[rows, :, chunk] = chunk_states(keys if k_state is None else k_state, values, size)[:, :, 0]
+        xbar = (lc.summary / size).to(dtype).unsqueeze(1)
+        lc.meta_k[rows, :, chunk] = self.meta_keys(xbar)[:, :, 0]
+        meta_q = self.meta_queries_from(xbar)[:, :, 0]
+        retrieved = decode_retrieval(meta_q, lc.meta_k, lc.states, chunk + 1)
+        lc.retrieved = torch.where(done.view(-1, 1, 1, 1), retrieved, lc.retrieved)
+        if w > 0:
+            moved = done.view(-1, 1, 1, 1)
+            lc.window_k[:, :, :w] = torch.where(moved, lc.window_k[:, :, size:], lc.window_k[:, :, :w])
+            lc.window_v[:, :, :w] = torch.where(moved, lc.window_v[:, :, size:], lc.window_v[:, :, :w])
+        lc.summary = torch.where(done.unsqueeze(-1), torch.zeros_like(lc.summary), lc.summary)
 
     def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden_dim:
@@ -325,6 +431,18 @@ class BSBRLayer(nn.Module):
 
     def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         x = x + self.dropout(self.attention(self.norm1(x), attention_mask))
+        return self.feed_forward(x)
+
+    @torch.jit.unused
+    def prefill(self, x: Tensor, mask: Optional[Tensor], lengths: Tensor):
+        """``forward_packed`` plus this layer's cache (see ``BSBRAttention.prefill``)."""
+        out, layer_cache = self.attention.prefill(self.norm1(x), mask, lengths)
+        return self.feed_forward(x + self.dropout(out)), layer_cache
+
+    @torch.jit.unused
+    def decode(self, x: Tensor, layer_cache: BSBRLayerCache, cache: BSBRCache) -> Tensor:
+        """One token per row (see ``BSBRAttention.decode``)."""
+        x = x + self.dropout(self.attention.decode(self.norm1(x), layer_cache, cache))
         return self.feed_forward(x)
 
 
@@ -399,11 +517,23 @@ class BSBRModel(nn.Module):
             x = checkpoint(layer.forward_packed, x, mask, use_reentrant=False)
         return x
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        cache: Optional[BSBRCache] = None,
+        use_cache: bool = False,
+    ) -> Tensor:
+        """Hidden states ``[b, n, hidden_dim]``; with ``use_cache=True`` or a ``cache``, the pair
+        ``(hidden states, cache)``: a call without a cache is the prefill (any length, optional
+        ``attention_mask``) and returns a new :class:`BSBRCache`; a call with one continues every
+        row by ``n`` more real tokens and updates the cache in place."""
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must have shape [batch, seq_len], got {list(input_ids.shape)}"
             )
+        if cache is not None or use_cache:
+            return self.forward_cached(input_ids, attention_mask, cache)
         b, n = input_ids.shape[0], input_ids.shape[1]
         positions = torch.arange(n, device=input_ids.device)
         if attention_mask is None:
@@ -415,3 +545,72 @@ class BSBRModel(nn.Module):
         x = self.norm(self.run_layers(x, packed_keep))
         x = torch.where(packed_keep.unsqueeze(-1), x, torch.zeros_like(x))
         return gather_tokens(x, dest)
+
+    # -- streaming -------------------------------------------------------------------------------
+
+    @torch.jit.unused
+    def forward_cached(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[BSBRCache]
+    ):
+        if cache is None:
+            return self.prefill(input_ids, attention_mask)
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask is taken by the prefill only (the call without a cache); "
+                "with a cache every new token is real"
+            )
+        attn = self.layers[0].attention
+        if (
+            len(cache.layers) != len(self.layers)
+            or cache.batch_size() != input_ids.shape[0]
+            or (cache.chunk_size, cache.chunk_overlap) != (attn.chunk_size, attn.chunk_overlap)
+        ):
+            raise ValueError(
+                f"cache does not fit this model and batch: {cache!r} vs {len(self.layers)} layers, "
+                f"batch {input_ids.shape[0]}, chunk_size {attn.chunk_size}, "
+                f"chunk_overlap {attn.chunk_overlap}"
+            )
+        steps = [self.decode_step(input_ids[:, i : i + 1], cache) for i in range(input_ids.shape[1])]
+        return torch.cat(steps, dim=1), cache
+
+    @torch.jit.unused
+    def prefill(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None):
+        """The parallel forward that also returns the cache of every row's real tokens."""
+        b, n = input_ids.shape[0], input_ids.shape[1]
+        if n == 0:
+            raise ValueError("input_ids must hold at least one token to prefill a cache")
+        positions = torch.arange(n, device=input_ids.device)
+        if attention_mask is None:
+            lengths = torch.full((b,), n, dtype=torch.long, device=input_ids.device)
+            host_lengths = [n] * b
+            mask, src, dest = None, None, None
+            x = self.embed(input_ids, positions)
+        else:
+            keep = _check_mask(attention_mask, b, n)
+            src, dest, mask = packing_permutation(keep)
+            lengths = mask.sum(dim=1)
+            host_lengths = lengths.tolist()  # one sync: which later steps complete a chunk
+            if min(host_lengths) == 0:
+                raise ValueError("attention_mask must keep at least one token in every row")
+            x = self.embed(input_ids.gather(1, src), positions)
+        layer_caches = []
+        for layer in self.layers:
+            x, layer_cache = layer.prefill(x, mask, lengths)
+            layer_caches.append(layer_cache)
+        x = self.norm(x)
+        if mask is not None and dest is not None:
+            x = gather_tokens(torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x)), dest)
+        attn = self.layers[0].attention
+        cache = BSBRCache(layer_caches, lengths, host_lengths, attn.chunk_size, attn.chunk_overlap)
+        return x, cache
+
+    @torch.jit.unused
+    def decode_step(self, input_ids: Tensor, cache: BSBRCache) -> Tensor:
+        """Hidden states ``[b, 1, hidden]`` of one new token per row (``input_ids: [b, 1]``)."""
+        if cache.next_token_completes_chunk():
+            cache.grow_for_next_chunk()
+        x = self.embed(input_ids, cache.lengths.view(-1, 1))
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer.decode(x, layer_cache, cache)
+        cache.advance()
+        return self.norm(x)
