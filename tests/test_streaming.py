@@ -295,3 +295,54 @@ def test_cuda_streaming_matches_parallel(dtype, size, overlap, factor):
             ref_err = (parallel.double().cpu() - truth).abs().max().item()
             floor = {torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype] * truth.abs().max().item()
             assert err <= 2 * ref_err + floor, (err, ref_err, floor)
+
+
+def test_cuda_graph_decoder_needs_cuda():
+    model = make_model(8, 0, None)
+    with torch.no_grad():
+        _, cache = model(torch.randint(0, VOCAB, (1, 3)), use_cache=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        bsbr_ext.CUDAGraphDecoder(model, cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("size,overlap,factor", [(16, 0, None), (16, 5, 2)])
+def test_cuda_graph_decoder_matches_eager(size, overlap, factor):
+    model = make_model(size, overlap, factor, dtype=torch.float32, device="cuda")
+    lengths = [21, 9]
+    n, steps = max(lengths), 3 * size + 3  # several chunk completions in both rows
+    ids = torch.randint(0, VOCAB, (2, n), device="cuda")
+    mask = torch.zeros_like(ids)
+    for r, length in enumerate(lengths):
+        mask[r, n - length :] = 1
+    new = torch.randint(0, VOCAB, (2, steps), device="cuda")
+    with torch.no_grad():
+        _, eager_cache = model(ids, attention_mask=mask, use_cache=True)
+        _, graph_cache = model(ids, attention_mask=mask, use_cache=True)
+        decoder = bsbr_ext.CUDAGraphDecoder(model, graph_cache)
+        for i in range(steps):
+            expected, _ = model(new[:, i : i + 1], cache=eager_cache)
+            got = decoder(new[:, i : i + 1])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert decoder.graph is not None  # the graph was captured and replayed
+    assert graph_cache.host_lengths == eager_cache.host_lengths
+    assert torch.equal(graph_cache.lengths, eager_cache.lengths)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_generate_batched_equals_alone():
+    lm = make_lm(16, 5, 2, dtype=torch.float32, device="cuda")
+    lengths, steps = [30, 11, 17], 40
+    n = max(lengths)
+    seqs = [torch.randint(0, VOCAB, (length,), device="cuda") for length in lengths]
+    ids = torch.zeros(len(seqs), n, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for r, length in enumerate(lengths):
+        ids[r, n - length :] = seqs[r]
+        mask[r, n - length :] = 1
+    batched = lm.generate(ids, attention_mask=mask, max_new_tokens=steps, top_k=1)
+    eager = lm.generate(ids, attention_mask=mask, max_new_tokens=steps, top_k=1, cuda_graph=False)
+    assert torch.equal(batched, eager)
+    for r, seq in enumerate(seqs):
+        alone = lm.generate(seq[None], max_new_tokens=steps, top_k=1)
+        assert torch.equal(batched[r, n:], alone[0, len(seq) :])

@@ -5,6 +5,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links it)
 from . import _C, functional, reference
 from .cache import BSBRCache, BSBRLayerCache
 from .causal_lm import BSBRForCausalLM, CausalLMOutput
+from .decoding import CUDAGraphDecoder
 from .functional import bsbr_attention, block_retrieval, chunk_attention, chunk_states
 from .modules import BSBRAttention, BSBRLayer, BSBRModel
 
@@ -23,6 +24,7 @@ __all__ = [
     "BSBRLayer",
     "BSBRLayerCache",
     "BSBRModel",
+    "CUDAGraphDecoder",
     "CausalLMOutput",
     "block_retrieval",
     "bsbr_attention",

@@ -121,9 +121,9 @@ class BSBRCache:
             if needed > layer.capacity():
                 layer.reserve(max(needed, layer.capacity() + layer.capacity() // 4 + 1))
 
-    def advance(self) -> None:
-        """Count one more token in every row."""
-        self.lengths += 1
+    def advance_host(self) -> None:
+        """Count one more token in every row on the host (``lengths`` is advanced on the device
+        by the decoding step itself)."""
         self.host_lengths = [n + 1 for n in self.host_lengths]
 
     def nbytes(self) -> int:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import BSBRCache
+from .decoding import CUDAGraphDecoder
 from .modules import BSBRModel
 
 __all__ = ["BSBRForCausalLM", "CausalLMOutput"]
@@ -77,6 +78,7 @@ class BSBRForCausalLM(nn.Module):
         top_k: Optional[int] = None,
         eos_token_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        cuda_graph: Optional[bool] = None,
     ) -> Tensor:
         """Prefill the prompt, then decode ``max_new_tokens`` tokens per row from the cache.
 
@@ -85,7 +87,9 @@ class BSBRForCausalLM(nn.Module):
         ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely. Prompts may be
         left-padded (``attention_mask`` 0 = padding); each row gets the tokens it gets alone.
         After ``eos_token_id`` a row repeats it, and decoding stops once every row has it.
-        Call ``eval()`` first: dropout is not switched off here.
+        ``cuda_graph`` (default: on for CUDA inputs) replays the decoding steps from a CUDA graph
+        (:class:`~bsbr_ext.CUDAGraphDecoder`). Call ``eval()`` first: dropout is not switched off
+        here.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -103,6 +107,11 @@ class BSBRForCausalLM(nn.Module):
         else:
             last = ((attention_mask != 0).long() * positions).argmax(dim=1)
         logits = out.logits[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+        if cuda_graph is None:
+            cuda_graph = input_ids.is_cuda
+        decoder = None
+        if cuda_graph:
+            decoder = CUDAGraphDecoder(self.model, cache, head=lambda hidden: self.logits(hidden[:, -1]))
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new_tokens = []
         for step in range(max_new_tokens):
@@ -113,7 +122,10 @@ class BSBRForCausalLM(nn.Module):
             new_tokens.append(token)
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                 break
-            logits = self(token[:, None], cache=cache).logits[:, -1]
+            if decoder is not None:
+                logits = decoder(token[:, None])
+            else:
+                logits = self(token[:, None], cache=cache).logits[:, -1]
         return torch.cat([input_ids] + [t[:, None].to(input_ids.dtype) for t in new_tokens], dim=1)
 
     @staticmethod

@@ -358,12 +358,13 @@ class BSBRAttention(nn.Module):
         lc.meta_k[rows, :, chunk] = self.meta_keys(xbar)[:, :, 0]
         meta_q = self.meta_queries_from(xbar)[:, :, 0]
         retrieved = decode_retrieval(meta_q, lc.meta_k, lc.states, chunk + 1)
-        lc.retrieved = torch.where(done.view(-1, 1, 1, 1), retrieved, lc.retrieved)
+        # In place: a captured decoding step (bsbr_ext.decoding) reads these very buffers.
+        done4 = done.view(-1, 1, 1, 1)
+        lc.retrieved.copy_(torch.where(done4, retrieved, lc.retrieved))
         if w > 0:
-            moved = done.view(-1, 1, 1, 1)
-            lc.window_k[:, :, :w] = torch.where(moved, lc.window_k[:, :, size:], lc.window_k[:, :, :w])
-            lc.window_v[:, :, :w] = torch.where(moved, lc.window_v[:, :, size:], lc.window_v[:, :, :w])
-        lc.summary = torch.where(done.unsqueeze(-1), torch.zeros_like(lc.summary), lc.summary)
+            lc.window_k[:, :, :w] = torch.where(done4, lc.window_k[:, :, size:], lc.window_k[:, :, :w])
+            lc.window_v[:, :, :w] = torch.where(done4, lc.window_v[:, :, size:], lc.window_v[:, :, :w])
+        lc.summary.masked_fill_(done.unsqueeze(-1), 0.0)
 
     def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden_dim:
@@ -609,8 +610,16 @@ class BSBRModel(nn.Module):
         """Hidden states ``[b, 1, hidden]`` of one new token per row (``input_ids: [b, 1]``)."""
         if cache.next_token_completes_chunk():
             cache.grow_for_next_chunk()
+        hidden = self.decode_device_step(input_ids, cache)
+        cache.advance_host()
+        return hidden
+
+    @torch.jit.unused
+    def decode_device_step(self, input_ids: Tensor, cache: BSBRCache) -> Tensor:
+        """The device work of ``decode_step``: no host sync and, on steps that complete no chunk,
+        no allocation that outlives the step, so a CUDA graph can capture it."""
         x = self.embed(input_ids, cache.lengths.view(-1, 1))
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer.decode(x, layer_cache, cache)
-        cache.advance()
+        cache.lengths += 1
         return self.norm(x)
