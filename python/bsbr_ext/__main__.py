@@ -7,6 +7,9 @@
    passes when the kernel's max abs error against the fp64 truth is at most
    2 x (the plain PyTorch chunked reference's error in the same dtype) + floor x max|truth|,
    and nothing is NaN/inf (SPEC §4). Exits 1 on any FAIL.
+   Streaming: a left-padded batch decoded token by token from a BSBRCache (prefill, then one
+   token per step across several chunk boundaries) against the parallel forward of each sequence
+   alone, and a greedy BSBRForCausalLM.generate of the batch against each row alone.
 3. Prints a short table of median time and peak extra memory for the kernels, the plain
    PyTorch reference and scaled_dot_product_attention(is_causal=True) at a few lengths
    (timing helpers: bsbr_ext._bench; full benchmark: benchmarks/bench_attention.py).
@@ -115,6 +118,40 @@ def check_device(device: str) -> bool:
     return all_ok
 
 
+def check_streaming(device: str) -> bool:
+    """Prefill + token-by-token decoding == the parallel forward (fp32, left padding, overlap,
+    compression); batched greedy generation == each row alone."""
+    from bsbr_ext import BSBRForCausalLM
+
+    torch.manual_seed(7)
+    lm = BSBRForCausalLM(97, 64, 2, 4, 16, 128, dropout=0.0, compression_factor=2,
+                         chunk_overlap=5).to(device).eval()
+    lengths, steps = [37, 20], 40
+    n = max(lengths)
+    seqs = [torch.randint(0, 97, (length + steps,), device=device) for length in lengths]
+    ids = torch.zeros(2, n, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, length in enumerate(lengths):
+        ids[r, n - length:] = seqs[r][:length]
+        mask[r, n - length:] = 1
+    with torch.no_grad():
+        _, cache = lm.model(ids, attention_mask=mask, use_cache=True)
+        new = torch.stack([s[length:] for s, length in zip(seqs, lengths)])
+        stepped = torch.cat([lm.model(new[:, i:i + 1], cache=cache)[0] for i in range(steps)], 1)
+        err = max((stepped[r] - lm.model(seqs[r][None])[0, length:]).abs().max().item()
+                  for r, length in enumerate(lengths))
+    ok_stream = err <= 1e-4
+    batched = lm.generate(ids, attention_mask=mask, max_new_tokens=24, top_k=1)
+    ok_generate = all(
+        torch.equal(batched[r, n:], lm.generate(seqs[r][None, :length], max_new_tokens=24, top_k=1)[0, length:])
+        for r, length in enumerate(lengths))
+    print(f"\n== streaming on {device}: prefill + {steps} decode steps vs parallel forward "
+          f"(fp32, left padding, chunk 16, overlap 5, compression 2)")
+    print(f"  {'PASS' if ok_stream else 'FAIL'}  max abs error {err:.1e} (tol 1e-4)")
+    print(f"  {'PASS' if ok_generate else 'FAIL'}  batched left-padded greedy generate == each row alone")
+    return ok_stream and ok_generate
+
+
 def bench_device(device: str, threads) -> bool:
     cfg = BENCH[device]
     cases = [B.Case(impl=i, mode=m, device=device, dtype=cfg["dtype"], b=cfg["b"], h=cfg["h"],
@@ -174,6 +211,7 @@ def main(argv=None) -> int:
     if not args.no_check:
         for dev in devices:
             ok &= check_device(dev)
+            ok &= check_streaming(dev)
     if not args.no_bench:
         for dev in devices:
             if not bench_device(dev, args.threads):
