@@ -331,7 +331,8 @@ class BSBRAttention(nn.Module):
         ``[b, 1, hidden]``, updating ``layer_cache`` in place (the caller advances ``cache``)."""
         b = x.shape[0]
         size, w = self.chunk_size, self.chunk_overlap
-        q, k, v = (t[:, :, 0] for t in self.project_qkv(x))
+        # [b, h, d] views of the one token's projections (no copies at batch 1).
+        q, k, v = self.qkv(x).view(b, 3, self.num_heads, self.head_dim).unbind(1)
         q_state = self.project_state(q)
         lc = layer_cache
         out = decode_attention(
@@ -572,7 +573,7 @@ class BSBRModel(nn.Module):
                 f"chunk_overlap {attn.chunk_overlap}"
             )
         steps = [self.decode_step(input_ids[:, i : i + 1], cache) for i in range(input_ids.shape[1])]
-        return torch.cat(steps, dim=1), cache
+        return (steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)), cache
 
     @torch.jit.unused
     def prefill(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None):
