@@ -21,9 +21,9 @@ CONFIGS = [  # (chunk_size, chunk_overlap, compression_factor)
 ]
 
 
-def make_model(size, overlap, factor, dtype=torch.float64, device="cpu", seed=0):
-    torch.manual_seed(seed)
-    model = BSBRModel(VOCAB, 32, 2, 4, size, 48, dropout=0.0, compression_factor=factor,
+def make_model(size, overlap, factor, dtype=torch.float64, device="cpu", hidden=32, heads=4):
+    torch.manual_seed(0)
+    model = BSBRModel(VOCAB, hidden, 2, heads, size, 48, dropout=0.0, compression_factor=factor,
                       chunk_overlap=overlap)
     return model.to(device, dtype).eval()
 
@@ -174,9 +174,9 @@ def test_decode_gradient_raises():
 # causal LM
 
 
-def make_lm(size=8, overlap=3, factor=2, dtype=torch.float64, device="cpu"):
+def make_lm(size=8, overlap=3, factor=2, dtype=torch.float64, device="cpu", hidden=32, heads=4):
     torch.manual_seed(0)
-    lm = BSBRForCausalLM(VOCAB, 32, 2, 4, size, 48, dropout=0.0, compression_factor=factor,
+    lm = BSBRForCausalLM(VOCAB, hidden, 2, heads, size, 48, dropout=0.0, compression_factor=factor,
                          chunk_overlap=overlap)
     with torch.no_grad():  # away from the random init's fixed points, so greedy paths vary
         for p in lm.parameters():
@@ -265,6 +265,9 @@ def test_exports():
 
 
 # ----------------------------------------------------------------------------------------------
+# Head dim 64: compiled in every CUDA build (BSBR_HEAD_DIMS may leave out the others).
+CUDA_SIZE = dict(hidden=128, heads=2)
+
 # CUDA: streaming on the GPU kernels against the fp64 truth (SPEC §4 tolerance, with the
 # parallel forward in the same dtype as the yardstick)
 
@@ -275,8 +278,8 @@ def test_exports():
 def test_cuda_streaming_matches_parallel(dtype, size, overlap, factor):
     lengths, extra = [40, 23], 37
     n = max(lengths)
-    truth_model = make_model(size, overlap, factor)  # fp64 CPU
-    model = make_model(size, overlap, factor, dtype=dtype, device="cuda")
+    truth_model = make_model(size, overlap, factor, **CUDA_SIZE)  # fp64 CPU
+    model = make_model(size, overlap, factor, dtype=dtype, device="cuda", **CUDA_SIZE)
     seqs = [torch.randint(0, VOCAB, (length + extra,)) for length in lengths]
     ids = torch.zeros(len(seqs), n, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -308,7 +311,7 @@ def test_cuda_graph_decoder_needs_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 @pytest.mark.parametrize("size,overlap,factor", [(16, 0, None), (16, 5, 2)])
 def test_cuda_graph_decoder_matches_eager(size, overlap, factor):
-    model = make_model(size, overlap, factor, dtype=torch.float32, device="cuda")
+    model = make_model(size, overlap, factor, dtype=torch.float32, device="cuda", **CUDA_SIZE)
     lengths = [21, 9]
     n, steps = max(lengths), 3 * size + 3  # several chunk completions in both rows
     ids = torch.randint(0, VOCAB, (2, n), device="cuda")
@@ -331,7 +334,7 @@ def test_cuda_graph_decoder_matches_eager(size, overlap, factor):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 def test_cuda_generate_batched_equals_alone():
-    lm = make_lm(16, 5, 2, dtype=torch.float32, device="cuda")
+    lm = make_lm(16, 5, 2, dtype=torch.float32, device="cuda", **CUDA_SIZE)
     lengths, steps = [30, 11, 17], 40
     n = max(lengths)
     seqs = [torch.randint(0, VOCAB, (length,), device="cuda") for length in lengths]

@@ -124,8 +124,8 @@ def check_streaming(device: str) -> bool:
     from bsbr_ext import BSBRForCausalLM
 
     torch.manual_seed(7)
-    lm = BSBRForCausalLM(97, 64, 2, 4, 16, 128, dropout=0.0, compression_factor=2,
-                         chunk_overlap=5).to(device).eval()
+    lm = BSBRForCausalLM(97, 128, 2, 2, 16, 128, dropout=0.0, compression_factor=2,
+                         chunk_overlap=5).to(device).eval()  # head dim 64
     lengths, steps = [37, 20], 40
     n = max(lengths)
     seqs = [torch.randint(0, 97, (length + steps,), device=device) for length in lengths]
