@@ -23,6 +23,7 @@
 #include "bsbr_common.h"
 #include "bsbr_cuda.h"
 #include "kernel_utils.cuh"
+#include "retrieval_mma.cuh"
 
 namespace bsbr_cuda {
 namespace {
@@ -177,10 +178,12 @@ void check_state_inputs(const Tensor& k_state, const Tensor& v, int64_t chunk_si
   check_sizes(v.size(0), v.size(1), v.size(2), chunk_size);
 }
 
-Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_scale) {
+// `into`, when given, is a contiguous fp32 [b, h, C, ds, d] buffer to write (reused memory).
+Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_scale,
+                   const Tensor& into = Tensor()) {
   const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
   const int64_t C = (n + chunk - 1) / chunk;
-  Tensor out = at::empty({b, h, C, ds, d}, y.options().dtype(at::kFloat));
+  Tensor out = into.defined() ? into : at::empty({b, h, C, ds, d}, y.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   Tensor xx, yy;
   AttnParams p = state_params(x, y, chunk, xx, yy);
@@ -231,38 +234,49 @@ std::tuple<Tensor, Tensor> chunk_states_bwd(const Tensor& grad_states, const Ten
 
 // ------------------------------------------------------------------ block retrieval
 
-// One warp per row c of the [C, C] logits: p_cj = softmax_{j<c}(meta_scale * a_cj), 0 for j >= c.
-// Row 0 has no earlier chunk and becomes all zeros (no NaN). In place.
-__global__ void masked_softmax_fwd_kernel(float* x, int64_t rows, int C, float scale_log2) {
+// One warp per row c of the [C, C] logits x: p_cj = softmax_{j<c}(meta_scale * a_cj), 0 for
+// j >= c, written to y with leading dim ldy >= C (padding columns get 0). Row 0 has no earlier
+// chunk and becomes all zeros (no NaN). May run in place (y == x, ldy == C).
+__global__ void masked_softmax_fwd_kernel(const float* x, float* y, int64_t rows, int C, int ldy,
+                                          float scale_log2) {
   const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const int c = static_cast<int>(row % C);
-  float* r = x + row * C;
+  const float* r = x + row * C;
+  float* o = y + row * ldy;
   float mx = -INFINITY;
   for (int j = lane; j < c; j += 32) mx = fmaxf(mx, r[j] * scale_log2);
 #pragma unroll
-  for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
   float sum = 0.f;
   for (int j = lane; j < c; j += 32) sum += exp2f(r[j] * scale_log2 - mx);
 #pragma unroll
-  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   const float inv = c > 0 ? 1.f / sum : 0.f;
-  for (int j = lane; j < C; j += 32) r[j] = j < c ? exp2f(r[j] * scale_log2 - mx) * inv : 0.f;
+  for (int j = lane; j < ldy; j += 32) o[j] = j < c ? exp2f(r[j] * scale_log2 - mx) * inv : 0.f;
 }
 
-// da = P * (dP - rowsum(P * dP)), in place into dP. Masked entries have P = 0 and get 0.
-__global__ void masked_softmax_bwd_kernel(const float* P, float* dP, int64_t rows, int C) {
+// da = out_scale * P * (dP - rowsum(P * dP)), written into dP (split 0). dP may arrive as `splits` partial
+// sums (split-K of the tensor-core product), `split_stride` apart, added here in a fixed order
+// (deterministic). P and dP rows have leading dim ld. Masked entries have P = 0 and get 0.
+__global__ void masked_softmax_bwd_kernel(const float* P, float* dP, int64_t rows, int C, int ld,
+                                          int splits, int64_t split_stride, float out_scale) {
   const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const float* pr = P + row * C;
-  float* dr = dP + row * C;
+  const float* pr = P + row * ld;
+  float* dr = dP + row * ld;
+  auto dp = [&](int j) {
+    float v = dr[j];
+    for (int s = 1; s < splits; ++s) v += dr[s * split_stride + j];
+    return v;
+  };
   float sum = 0.f;
-  for (int j = lane; j < C; j += 32) sum += pr[j] * dr[j];
+  for (int j = lane; j < C; j += 32) sum += pr[j] * dp(j);
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  for (int j = lane; j < C; j += 32) dr[j] = pr[j] * (dr[j] - sum);
+  for (int j = lane; j < C; j += 32) dr[j] = pr[j] * (dp(j) - sum) * out_scale;
 }
 
 // The C x C mixing products of the retrieval run through cuBLAS SGEMM in true fp32 (TF32 only if
@@ -329,7 +343,8 @@ Tensor retrieval_probs(const Tensor& mq32, const Tensor& mk32, double meta_scale
   if (rows == 0) return logits;
   const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
   masked_softmax_fwd_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-      logits.data_ptr<float>(), rows, static_cast<int>(C), static_cast<float>(meta_scale) * kLog2e);
+      logits.data_ptr<float>(), logits.data_ptr<float>(), rows, static_cast<int>(C),
+      static_cast<int>(C), static_cast<float>(meta_scale) * kLog2e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return logits;
 }
@@ -376,12 +391,133 @@ std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrie
   masked_softmax_bwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
                               at::cuda::getCurrentCUDAStream()>>>(P.data_ptr<float>(),
                                                                   da.data_ptr<float>(), rows,
-                                                                  static_cast<int>(C));
+                                                                  static_cast<int>(C),
+                                                                  static_cast<int>(C), 1, 0, 1.f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tensor dmq = (at::matmul(da, mk) * meta_scale).to(meta_q.scalar_type());
   Tensor dmk = (at::matmul(da.transpose(-1, -2), mq) * meta_scale).to(meta_k.scalar_type());
   Tensor dF = tri_mix_t(P.view({b * h, C, C}), dS).view({b, h, C, ds, d});
   return {dmq, dmk, dF};
+}
+
+// ------------------------------------------------------------------ retrieval on tensor cores
+// The fused op with fp16/bf16 inputs runs the three C x C mixing products as split-precision
+// (3xTF32) tensor-core kernels (retrieval_mma.cuh): ~2^-21 relative error, invisible in its
+// fp16/bf16 outputs. fp32 inputs and the standalone retrieval ops (whose fp32 outputs are
+// compared at fp32 accuracy) keep the true-fp32 cuBLAS products above. BSBR_MIX_FP32=1 forces
+// the cuBLAS path everywhere (cross-checking).
+bool use_tc_mix(const Tensor& q) {
+  if (q.scalar_type() == at::kFloat || force_simt()) return false;
+  const char* e = std::getenv("BSBR_MIX_FP32");
+  return !(e != nullptr && std::strcmp(e, "1") == 0);
+}
+
+int64_t pad4(int64_t x) { return (x + 3) / 4 * 4; }
+
+// P = masked softmax of meta_scale * mq mk^T as [b*h, C, Cp] fp32, Cp = C rounded up to 4; the
+// padding columns and j >= c hold zeros.
+Tensor probs_padded(const Tensor& meta_q_, const Tensor& meta_k_, double meta_scale) {
+  const int64_t dm = meta_q_.size(3);
+  if (meta_q_.scalar_type() == meta_k_.scalar_type() && dm % 8 == 0 && dm <= 1024) {
+    // One kernel from the meta tensors as they are (no fp32 copies, no logits GEMM).
+    Tensor mq = meta_q_.contiguous(), mk = meta_k_.contiguous();
+    if (reinterpret_cast<uintptr_t>(mq.data_ptr()) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(mk.data_ptr()) % 16 == 0) {
+      const int64_t bh = mq.size(0) * mq.size(1), C = mq.size(2), Cp = pad4(C);
+      Tensor P = at::empty({bh, C, Cp}, mq.options().dtype(at::kFloat));
+      const int64_t rows = bh * C;
+      if (rows == 0) return P;
+      const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
+      const size_t smem = 8 * dm * sizeof(float);
+      const float sl2 = static_cast<float>(meta_scale) * kLog2e;
+      auto stream = at::cuda::getCurrentCUDAStream();
+      auto launch = [&](auto tag) {
+        using T = decltype(tag);
+        mix::meta_probs_kernel<T><<<blocks, 256, smem, stream>>>(
+            reinterpret_cast<const T*>(mq.data_ptr()), reinterpret_cast<const T*>(mk.data_ptr()),
+            P.data_ptr<float>(), rows, static_cast<int>(C), static_cast<int>(Cp),
+            static_cast<int>(dm), sl2);
+      };
+      switch (mq.scalar_type()) {
+        case at::kHalf: launch(__half{}); break;
+        case at::kBFloat16: launch(__nv_bfloat16{}); break;
+        default: launch(float{}); break;
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return P;
+    }
+  }
+  const Tensor& meta_q = meta_q_;
+  const Tensor& meta_k = meta_k_;
+  Tensor logits = at::matmul(meta_q.to(at::kFloat), meta_k.to(at::kFloat).transpose(-1, -2))
+                      .contiguous();
+  const int64_t bh = meta_q.size(0) * meta_q.size(1), C = logits.size(-1), Cp = pad4(C);
+  Tensor P = at::empty({bh, C, Cp}, logits.options());
+  const int64_t rows = bh * C;
+  if (rows == 0) return P;
+  masked_softmax_fwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
+                              at::cuda::getCurrentCUDAStream()>>>(
+      logits.data_ptr<float>(), P.data_ptr<float>(), rows, static_cast<int>(C),
+      static_cast<int>(Cp), static_cast<float>(meta_scale) * kLog2e);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return P;
+}
+
+// Common fields: P [bh, C, Cp]; a state-shaped operand has X = ds * d columns (a multiple of
+// 256 under check_state_dim, so whole tiles along X).
+mix::MixParams mix_params(int64_t bh, int64_t C) {
+  mix::MixParams mp;
+  mp.bh = static_cast<int>(bh);
+  mp.M = static_cast<int>(C);
+  return mp;
+}
+
+// out = P F (mode 0) or P^T F (mode 1); F, out contiguous fp32 [bh, C, X].
+void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
+  const int64_t bh = P.size(0), C = P.size(1), Cp = P.size(2);
+  const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
+  mix::MixParams mp = mix_params(bh, C);
+  mp.A = P.data_ptr<float>(), mp.a_bh = C * Cp, mp.lda = static_cast<int>(Cp);
+  mp.a_rows = static_cast<int>(C), mp.a_cols = static_cast<int>(Cp);
+  mp.B = F.data_ptr<float>(), mp.b_bh = C * X, mp.ldb = static_cast<int>(X);
+  mp.b_rows = static_cast<int>(C), mp.b_cols = static_cast<int>(X);
+  mp.O = out.data_ptr<float>(), mp.o_bh = C * X, mp.ldo = static_cast<int>(X);
+  mp.N = static_cast<int>(X), mp.K = static_cast<int>(C);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (mode == 0) {
+    mix::launch_mix<0, 64, 64, 2, 2>(mp, stream);
+  } else {
+    mix::launch_mix<1, 64, 64, 2, 2>(mp, stream);
+  }
+}
+
+// dP = dS F^T for j < c (0 elsewhere) as `splits` partial sums [splits, bh, C, Cp]; returns the
+// buffer and the split count. Split-K only when the j < c tiles alone cannot fill the GPU.
+std::pair<Tensor, int> mix_scores(const Tensor& dS, const Tensor& F, int64_t C) {
+  const int64_t bh = F.size(0) * F.size(1), Cp = pad4(C);
+  const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
+  constexpr int BM = 64, BN = 64;
+  const int64_t tm = (C + BM - 1) / BM;
+  const int64_t active = bh * tm * (tm + 1) / 2;  // tiles with some j < c
+  // ~2 waves of 3 CTAs per SM
+  const int64_t target = 6 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t splits = std::min<int64_t>(std::max<int64_t>(X / 256, 1),
+                                     std::max<int64_t>(1, (target + active - 1) / active));
+  int64_t k_split = (X + splits - 1) / splits;
+  k_split = (k_split + mix::kBK - 1) / mix::kBK * mix::kBK;
+  splits = (X + k_split - 1) / k_split;
+  Tensor dP = at::empty({splits, bh, C, Cp}, F.options());
+  mix::MixParams mp = mix_params(bh, C);
+  mp.A = dS.data_ptr<float>(), mp.a_bh = C * X, mp.lda = static_cast<int>(X);
+  mp.a_rows = static_cast<int>(C), mp.a_cols = static_cast<int>(X);
+  mp.B = F.data_ptr<float>(), mp.b_bh = C * X, mp.ldb = static_cast<int>(X);
+  mp.b_rows = static_cast<int>(C), mp.b_cols = static_cast<int>(X);
+  mp.O = dP.data_ptr<float>(), mp.o_bh = C * Cp, mp.o_split = bh * C * Cp;
+  mp.ldo = static_cast<int>(Cp);
+  mp.N = static_cast<int>(Cp), mp.K = static_cast<int>(X);
+  mp.splits = static_cast<int>(splits), mp.k_split = static_cast<int>(k_split);
+  mix::launch_mix<2, BM, BN, 2, 2>(mp, at::cuda::getCurrentCUDAStream());
+  return {dP, static_cast<int>(splits)};
 }
 
 // ------------------------------------------------------------------ chunk attention
@@ -446,7 +582,7 @@ std::tuple<Tensor, Tensor> chunk_attention_fwd(const Tensor& q, const Tensor& k,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd_impl(
     const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& qs_,
     const Tensor& retrieved, const Tensor& out_, const Tensor& lse_, int64_t chunk,
-    int64_t overlap, double scale, double state_scale) {
+    int64_t overlap, double scale, double state_scale, bool dR_into_S = false) {
   const int64_t b = q_.size(0), h = q_.size(1), n = q_.size(2), d = q_.size(3);
   const int64_t ds = qs_.size(3), C = (n + chunk - 1) / chunk;
   Tensor dq = at::empty({b, h, n, d}, q_.options());
@@ -467,7 +603,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd_impl(
   auto stream = at::cuda::getCurrentCUDAStream();
 
   // dS_c = state_scale * sum_{t in c} qs[t]^T dO[t]: the chunk-states product of (qs, dO).
-  Tensor dR = states_impl(qs, dout, chunk, state_scale);
+  // With dR_into_S it overwrites the retrieved states once the preprocess (their only reader)
+  // has run: one fp32 state buffer less at the backward's peak.
+  Tensor dR;
+  if (!dR_into_S) dR = states_impl(qs, dout, chunk, state_scale);
 
   AttnParams p;
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.qs = qs.data_ptr();
@@ -485,7 +624,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd_impl(
     using T = decltype(t);
     constexpr int D = decltype(dim)::value;
     run_attn_bwd_prep<T, D>(p, stream);
-    run_attn_bwd<T, D>(p, stream);
+  });
+  if (dR_into_S) dR = states_impl(qs, dout, chunk, state_scale, S);
+  dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
+    run_attn_bwd<decltype(t), decltype(dim)::value>(p, stream);
   });
   return {dq, dk, dv, dqs, dR};
 }
@@ -517,10 +659,19 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
   TORCH_CHECK_VALUE(k_state.size(3) == q_state.size(3), message("bsbr CUDA kernels: k_state and q_state "
                     "must have the same state dim, got ", k_state.size(3), " and ", q_state.size(3)));
   c10::cuda::CUDAGuard guard(q.device());
-  Tensor states = states_impl(k_state, v, chunk_size, 1.0);
   check_on(meta_q, "meta_q", q.device());
   check_on(meta_k, "meta_k", q.device());
-  Tensor R = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
+  Tensor R;
+  {  // the chunk states die before the attention allocates its output (lower peak)
+    Tensor states = states_impl(k_state, v, chunk_size, 1.0);
+    if (use_tc_mix(q) && states.numel() > 0 && meta_q.numel() > 0) {
+      Tensor P = probs_padded(meta_q, meta_k, meta_scale);
+      R = at::empty_like(states, at::MemoryFormat::Contiguous);
+      mix_states(0, P, states, R);
+    } else {
+      R = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
+    }
+  }
   return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);
 }
 
@@ -537,10 +688,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
   c10::cuda::CUDAGuard guard(q.device());
   // Recompute the chunk states and the retrieval (cheap next to the attention).
   Tensor states = states_impl(k_state, v, chunk_size, 1.0);
+  if (use_tc_mix(q) && states.numel() > 0 && meta_q.numel() > 0) {
+    // Two fp32 state buffers in all: F (later overwritten by dF) and R (later by dR).
+    const int64_t b = states.size(0), h = states.size(1), C = states.size(2);
+    Tensor P = probs_padded(meta_q, meta_k, meta_scale);  // once for forward and backward
+    Tensor R = at::empty_like(states, at::MemoryFormat::Contiguous);
+    mix_states(0, P, states, R);
+    auto [dq, dk, dv, dqs, dR] = attn_bwd_impl(grad_out, q, k, v, q_state, R, out, lse,
+                                               chunk_size, chunk_overlap, scale, state_scale,
+                                               /*dR_into_S=*/true);
+    R = Tensor();
+    auto [dP, splits] = mix_scores(dR, states, C);  // dP = dS F^T (j < c)
+    const int64_t Cp = dP.size(3), rows = b * h * C;
+    masked_softmax_bwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
+                                at::cuda::getCurrentCUDAStream()>>>(
+        P.data_ptr<float>(), dP.data_ptr<float>(), rows, static_cast<int>(C),
+        static_cast<int>(Cp), splits, b * h * C * Cp, static_cast<float>(meta_scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // da (already times meta_scale): dmq = da mk, dmk = da^T mq.
+    Tensor da = dP.select(0, 0).view({b, h, C, Cp}).narrow(3, 0, C);
+    Tensor dmq = at::matmul(da, meta_k.to(at::kFloat)).to(meta_q.scalar_type());
+    Tensor dmk = at::matmul(da.transpose(-1, -2), meta_q.to(at::kFloat)).to(meta_k.scalar_type());
+    da = Tensor();
+    dP = Tensor();
+    mix_states(1, P, dR, states);  // dF = P^T dS, into F's buffer (F is dead after dP)
+    dR = Tensor();
+    P = Tensor();
+    // dv += k_state dF (fp32 sum, one rounding), dks = v dF^T.
+    auto [dks, dv_total] = states_bwd_impl(states, k_state, v, chunk_size, dv);
+    return {dq, dk, dv_total, dmq, dmk, dqs, dks};
+  }
   Tensor R = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
   auto [dq, dk, dv, dqs, dR] = attn_bwd_impl(grad_out, q, k, v, q_state, R, out, lse, chunk_size,
                                              chunk_overlap, scale, state_scale);
+  R = Tensor();
   auto [dmq, dmk, dF] = block_retrieval_bwd(dR, meta_q, meta_k, states, meta_scale);
+  states = Tensor();
+  dR = Tensor();
   // dv += k_state dF (fp32 sum, one rounding), dks = v dF^T.
   auto [dks, dv_total] = states_bwd_impl(dF, k_state, v, chunk_size, dv);
   return {dq, dk, dv_total, dmq, dmk, dqs, dks};

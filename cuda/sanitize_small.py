@@ -12,7 +12,13 @@ for dtype, d, n, B, w in [(torch.bfloat16, 64, 150, 48, 20), (torch.float32, 32,
     qs, ks = (torch.randn(b, h, n, ds, device="cuda", dtype=dtype) for _ in range(2))
     mq, mk = (torch.randn(b, h, C, 16, device="cuda", dtype=dtype) for _ in range(2))
     sc, ms, ss = 1 / math.sqrt(d), 0.25, 1 / (B * math.sqrt(ds))
-    out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, B, w, sc, ms, ss)
+    try:
+        out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, B, w, sc, ms, ss)
+    except (ValueError, TypeError) as e:  # dtype / head dim not compiled into this build
+        if "not compiled" not in str(e):
+            raise
+        print(dtype, d, "skipped:", e)
+        continue
     g = torch.randn_like(out)
     grads = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, B, w, sc, ms, ss)
     st = ops._chunk_states_fwd(ks, v, B)

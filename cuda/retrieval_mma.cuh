@@ -1,0 +1,288 @@
+// Retrieval mixing products on tensor cores in split precision (3xTF32), for the fused op with
+// fp16/bf16 inputs. The C x C retrieval weights P mix the fp32 chunk states F ([C, X] per head,
+// X = ds * d):
+//   mode 0:  S  = P F       S[c]  = sum_{j<c} P[c,j] F[j]       (k range [0, m0 + BM))
+//   mode 1:  dF = P^T dS    dF[j] = sum_{c>j} P[c,j] dS[c]      (k range [m0, C))
+//   mode 2:  dP = dS F^T    dP[c,j] = <dS[c], F[j]> for j < c, 0 elsewhere (optionally split-K
+//            into partial sums, added in a fixed order by the softmax backward: deterministic)
+// Each fp32 operand x is split into big = tf32(x) and small = tf32(x - big) (truncations); the
+// product uses big*big + big*small + small*big with fp32 accumulation (relative error ~2^-19,
+// far below the bf16/fp16 rounding of the op's outputs, with fp32's exponent range: no overflow,
+// no scaling).
+// Tiles: BM x BN per CTA (64 x 64, 4 warps of 32 x 32: ~150 registers, 3 CTAs per SM), BK = 32,
+// warps WM x WN, 2-stage cp.async pipeline, smem rows padded so
+// every fragment read is conflict-free. P (and dP) are stored with a padded leading dim Cp
+// (multiple of 4) whose padding columns hold zeros, so 16-byte loads never straddle the bound.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+
+#include "kernel_utils.cuh"
+
+namespace bsbr_cuda {
+namespace mix {
+
+constexpr int kBK = 32;
+
+struct MixParams {
+  const float* A = nullptr;  // stored [a_rows, lda] per head
+  const float* B = nullptr;  // stored [b_rows, ldb] per head
+  float* O = nullptr;        // [M, ldo] per head (mode 2: per split, o_split apart)
+  int64_t a_bh = 0, b_bh = 0, o_bh = 0, o_split = 0;  // per-head (and per-split) strides
+  int lda = 0, ldb = 0, ldo = 0;
+  int a_rows = 0, a_cols = 0, b_rows = 0, b_cols = 0;  // bounds of the stored matrices
+  int M = 0, N = 0, K = 0;  // output rows / cols written, reduction length
+  int bh = 0, splits = 1, k_split = 0;  // mode 2: K is cut into `splits` pieces of k_split
+};
+
+// x = big + small + O(2^-20 |x|): big = x truncated to tf32 (10 explicit mantissa bits), small =
+// the exact remainder truncated likewise. Bit masks (full-rate ALU) instead of cvt.rna.tf32.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  big = __float_as_uint(x) & 0xffffe000u;
+  small = __float_as_uint(x - __uint_as_float(big)) & 0xffffe000u;
+}
+
+__device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Copies a ROWS x COLS fp32 tile (global rows r0.., cols c0..) into smem with row pitch PITCH,
+// 16 bytes per cp.async; pieces outside [rows, cols) are zero-filled. cols % 4 == 0.
+template <int ROWS, int COLS, int PITCH, int NT>
+__device__ __forceinline__ void load_tile(float* smem, const float* g, int ld, int rows, int cols,
+                                          int r0, int c0) {
+  constexpr int kPieces = ROWS * COLS / 4;
+  static_assert(kPieces % NT == 0, "tile pieces must divide among the threads");
+#pragma unroll
+  for (int i = 0; i < kPieces / NT; ++i) {
+    const int idx = i * NT + threadIdx.x;
+    const int r = idx / (COLS / 4), c = (idx % (COLS / 4)) * 4;
+    const bool ok = (r0 + r < rows) && (c0 + c < cols);
+    const float* src = ok ? g + (int64_t)(r0 + r) * ld + (c0 + c) : g;
+    cp_async16(smem + r * PITCH + c, src, ok);
+  }
+}
+
+// MODE 0: A = P stored [m][k] (k contiguous), B = F stored [k][n].
+// MODE 1: A(m, k) = P[k][m] stored [k][m],   B = dS stored [k][n].
+// MODE 2: A = dS stored [m][k],               B(k, n) = F[n][k] stored [n][k].
+template <int MODE, int BM, int BN, int WM, int WN>
+__global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
+  constexpr int NT = WM * WN * 32;
+  constexpr int BK = kBK;
+  constexpr bool kAmk = MODE != 1;  // A tile stored [m][k]
+  constexpr bool kBkn = MODE != 2;  // B tile stored [k][n]
+  constexpr int A_PITCH = kAmk ? BK + 4 : BM + 8;
+  constexpr int A_SIZE = kAmk ? BM * A_PITCH : BK * A_PITCH;
+  constexpr int B_PITCH = kBkn ? BN + 8 : BK + 4;
+  constexpr int B_SIZE = kBkn ? BK * B_PITCH : BN * B_PITCH;
+  constexpr int WTM = BM / WM, WTN = BN / WN;
+  constexpr int MT = WTM / 16, NTL = WTN / 8;
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  // Stage s: A tile at smem + s * A_SIZE, B tile at smem + 2 * A_SIZE + s * B_SIZE.
+
+  // Block -> (head, split, m tile, n tile); n fastest.
+  const int tiles_n = (p.N + BN - 1) / BN, tiles_m = (p.M + BM - 1) / BM;
+  int64_t blk = blockIdx.x;
+  const int tn = static_cast<int>(blk % tiles_n);
+  blk /= tiles_n;
+  // Heaviest row blocks first for mode 0 (their k range is longest).
+  int tm = static_cast<int>(blk % tiles_m);
+  if (MODE == 0) tm = tiles_m - 1 - tm;
+  blk /= tiles_m;
+  const int split = static_cast<int>(blk % p.splits);
+  const int bh = static_cast<int>(blk / p.splits);
+  const int m0 = tm * BM, n0 = tn * BN;
+
+  const float* A = p.A + (int64_t)bh * p.a_bh;
+  const float* B = p.B + (int64_t)bh * p.b_bh;
+  float* O = p.O + (int64_t)bh * p.o_bh + (int64_t)split * p.o_split;
+
+  int k_begin = 0, k_end = p.K;
+  bool skip = false;
+  if (MODE == 0) k_end = min(p.K, m0 + BM);
+  if (MODE == 1) k_begin = m0;
+  if (MODE == 2) {
+    k_begin = split * p.k_split;
+    k_end = min(p.K, k_begin + p.k_split);
+    skip = n0 >= m0 + BM - 1;  // every (c, j) of the tile has j >= c
+  }
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / WN, wn = warp % WN;
+  const int g = lane / 4, t = lane % 4;
+
+  float acc[MT][NTL][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NTL; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  const int kb = k_begin / BK, ke = skip ? kb : (k_end + BK - 1) / BK;
+  auto load = [&](int stage, int kt) {
+    const int k0 = kt * BK;
+    float* as_dst = smem + stage * A_SIZE;
+    float* bs_dst = smem + 2 * A_SIZE + stage * B_SIZE;
+    if constexpr (kAmk) {
+      load_tile<BM, BK, A_PITCH, NT>(as_dst, A, p.lda, p.a_rows, p.a_cols, m0, k0);
+    } else {
+      load_tile<BK, BM, A_PITCH, NT>(as_dst, A, p.lda, p.a_rows, p.a_cols, k0, m0);
+    }
+    if constexpr (kBkn) {
+      load_tile<BK, BN, B_PITCH, NT>(bs_dst, B, p.ldb, p.b_rows, p.b_cols, k0, n0);
+    } else {
+      load_tile<BN, BK, B_PITCH, NT>(bs_dst, B, p.ldb, p.b_rows, p.b_cols, n0, k0);
+    }
+    cp_async_commit();
+  };
+
+  if (kb < ke) load(0, kb);
+  for (int kt = kb; kt < ke; ++kt) {
+    const int st = (kt - kb) & 1;
+    if (kt + 1 < ke) {
+      load(st ^ 1, kt + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const float* as = smem + st * A_SIZE;
+    const float* bs = smem + 2 * A_SIZE + st * B_SIZE;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 8) {
+      uint32_t ab[MT][4], asm_[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int r = wm * WTM + mt * 16 + g;
+        float x[4];
+        if constexpr (kAmk) {
+          x[0] = as[r * A_PITCH + kk + t];
+          x[1] = as[(r + 8) * A_PITCH + kk + t];
+          x[2] = as[r * A_PITCH + kk + t + 4];
+          x[3] = as[(r + 8) * A_PITCH + kk + t + 4];
+        } else {
+          x[0] = as[(kk + t) * A_PITCH + r];
+          x[1] = as[(kk + t) * A_PITCH + r + 8];
+          x[2] = as[(kk + t + 4) * A_PITCH + r];
+          x[3] = as[(kk + t + 4) * A_PITCH + r + 8];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) split_tf32(x[e], ab[mt][e], asm_[mt][e]);
+      }
+      uint32_t bb[NTL][2], bsm[NTL][2];
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt) {
+        const int c = wn * WTN + nt * 8 + g;
+        float y0, y1;
+        if constexpr (kBkn) {
+          y0 = bs[(kk + t) * B_PITCH + c];
+          y1 = bs[(kk + t + 4) * B_PITCH + c];
+        } else {
+          y0 = bs[c * B_PITCH + kk + t];
+          y1 = bs[c * B_PITCH + kk + t + 4];
+        }
+        split_tf32(y0, bb[nt][0], bsm[nt][0]);
+        split_tf32(y1, bb[nt][1], bsm[nt][1]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NTL; ++nt) {
+          mma_tf32(acc[mt][nt], asm_[mt], bb[nt]);
+          mma_tf32(acc[mt][nt], ab[mt], bsm[nt]);
+          mma_tf32(acc[mt][nt], ab[mt], bb[nt]);
+        }
+    }
+    __syncthreads();
+  }
+
+  // Epilogue: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at row g + 8. ldo and N are even.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = m0 + wm * WTM + mt * 16 + g + hh * 8;
+        const int col = n0 + wn * WTN + nt * 8 + 2 * t;
+        if (row >= p.M || col >= p.N) continue;
+        float2 v = make_float2(acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
+        if (MODE == 2) {  // only j < c is kept (P is zero elsewhere; no garbage for 0 * x)
+          if (col >= row) v.x = 0.f;
+          if (col + 1 >= row) v.y = 0.f;
+        }
+        *reinterpret_cast<float2*>(O + (int64_t)row * p.ldo + col) = v;
+      }
+}
+
+template <int MODE, int BM, int BN, int WM, int WN>
+inline void launch_mix(const MixParams& p, cudaStream_t stream) {
+  constexpr bool kAmk = MODE != 1, kBkn = MODE != 2;
+  constexpr int A_SIZE = kAmk ? BM * (kBK + 4) : kBK * (BM + 8);
+  constexpr int B_SIZE = kBkn ? kBK * (BN + 8) : BN * (kBK + 4);
+  const size_t smem = 2 * (A_SIZE + B_SIZE) * sizeof(float);
+  auto kernel = mix_kernel<MODE, BM, BN, WM, WN>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  const int64_t tiles = (int64_t)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN) * p.splits * p.bh;
+  if (tiles == 0) return;
+  kernel<<<static_cast<unsigned>(tiles), WM * WN * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// P[bh, c, j] = softmax_{j<c}(meta_scale * <mq[c], mk[j]>) (0 for j >= c and in the padding
+// columns [C, ldp)), straight from the meta tensors in their own dtype (contiguous [bh, C, dm],
+// dm % 8 == 0, 16-byte aligned): one warp per row, mq[c] staged in smem as fp32, each lane dots
+// whole mk rows with 16-byte loads; logits go through the output row (L2) between the passes.
+template <typename T>
+__global__ void meta_probs_kernel(const T* __restrict__ mq, const T* __restrict__ mk,
+                                  float* __restrict__ P, int64_t rows, int C, int ldp, int dm,
+                                  float scale_log2) {
+  extern __shared__ float4 smem4[];
+  float* qrow = reinterpret_cast<float*>(smem4) + (threadIdx.x / 32) * dm;
+  const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps exit together: no block-wide barrier below
+  const int c = static_cast<int>(row % C);
+  const int64_t bh = row / C;
+  const T* q = mq + row * dm;
+  for (int e = lane; e < dm; e += 32) qrow[e] = to_f<T>(q[e]);
+  __syncwarp();
+  constexpr int kVec = 16 / sizeof(T);
+  float* o = P + row * ldp;
+  const T* kbase = mk + bh * C * dm;
+  float mx = -INFINITY;
+  for (int j = lane; j < c; j += 32) {
+    const T* kr = kbase + (int64_t)j * dm;
+    float acc = 0.f;
+    for (int e = 0; e < dm; e += kVec) {
+      const float4 raw = *reinterpret_cast<const float4*>(kr + e);
+      const T* kv = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) acc += qrow[e + u] * to_f<T>(kv[u]);
+    }
+    const float a = acc * scale_log2;
+    o[j] = a;
+    mx = fmaxf(mx, a);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  float sum = 0.f;
+  for (int j = lane; j < c; j += 32) sum += exp2f(o[j] - mx);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  const float inv = c > 0 ? 1.f / sum : 0.f;
+  for (int j = lane; j < ldp; j += 32) o[j] = j < c ? exp2f(o[j] - mx) * inv : 0.f;
+}
+
+}  // namespace mix
+}  // namespace bsbr_cuda
