@@ -5,8 +5,9 @@ decode one token per step at batch 1. The transformer keeps a KV cache of every 
 buffers, ``scaled_dot_product_attention`` over the filled part); BSBR keeps the completed chunks'
 states (fp32), their meta keys and the current chunk's window (chunk 128).
 
-For each context length L the caches are first filled to L - steps/2 tokens, then ``steps`` tokens
-are decoded one by one and each step is timed alone (wall clock, synchronised; on CUDA the
+For each context length L the caches are first filled to L - steps/2 tokens (minus the warm-up
+steps, which for BSBR include one that completes a chunk), then ``steps`` tokens are decoded one
+by one and each step is timed alone (wall clock, synchronised; on CUDA the
 synchronisation is what a sampling loop pays anyway). The window of steps straddles token L-1,
 which completes a chunk for L a multiple of the chunk size: the slowest BSBR step is that one.
 Reported per model: the median step, the slowest step, and the cache bytes per layer at L.
@@ -36,12 +37,14 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bsbr_ext
 from bsbr_ext import BSBRCache, BSBRLayerCache, BSBRModel
 from bsbr_ext.modules import sinusoidal_positions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EAGER_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,9 +69,12 @@ class KVLayer(nn.Module):
         if valid is None:
             k_cache[:, :, position : position + 1] = k
             v_cache[:, :, position : position + 1] = v
-            attn = F.scaled_dot_product_attention(
-                q, k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
-            )
+            # Flash / memory-efficient kernels only: the cuDNN backend builds a new plan for every
+            # new length, which made each eager step cost tens of ms (H100, torch 2.11).
+            with sdpa_kernel(EAGER_SDPA_BACKENDS):
+                attn = F.scaled_dot_product_attention(
+                    q, k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
+                )
         else:  # static shapes: write at the device-side position, attend under a mask
             k_cache.index_copy_(2, position, k)
             v_cache.index_copy_(2, position, v)
@@ -176,9 +182,12 @@ def summarise(times, chunk_size, start):
 def bench_bsbr(model, length, steps, warmup, fill, mode, device, dtype, vocab):
     size = model.layers[0].attention.chunk_size
     start = length - steps // 2
-    total = start + warmup + steps
-    # Warm-up steps come first, so they are decoded from a shorter context.
-    begin = start - warmup
+    total = start + steps
+    # Warm-up steps come first (so from a slightly shorter context) and include a step that
+    # completes a chunk, so that the timed window sees both kinds of step warm.
+    last_completion = start - 1 - (start - size) % size
+    begin = max(1, min(start - warmup, last_completion - 1))
+    warmup = start - begin
     if fill == "prefill":
         ids = torch.randint(0, vocab, (1, begin), device=device)
         _, cache = model(ids, use_cache=True)

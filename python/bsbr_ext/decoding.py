@@ -1,15 +1,18 @@
-"""Decoding with CUDA graphs: one captured graph replays every step that completes no chunk.
+"""Decoding with CUDA graphs: captured decoding steps replayed token after token.
 
-At small batch a decoding step is a few hundred tiny kernels, so launching them costs more than
-running them. BSBR's step touches fixed buffers (the cache's windows and retrieved states, updated
-in place), so one CUDA graph captured from a step that completes no chunk replays every such
-step; the steps that complete a chunk (one in ``chunk_size``; they also run the retrieval and may
-grow the state buffers) run eagerly.
+At small batch a decoding step is over a hundred tiny kernels, so launching them costs more than
+running them. Every buffer a BSBR step touches is fixed (the cache's windows, retrieved states,
+summaries and lengths are updated in place; each row's position comes from ``lengths`` on the
+device), so a CUDA graph captured from one step replays the following ones. Two graphs are kept:
+one for the steps that complete no chunk and one for the steps that complete a chunk in some row
+(which also store the chunk's state and run the retrieval; which rows complete is decided on the
+device). A graph is captured again when a buffer it uses was reallocated (the state buffers grow
+by a quarter when full; ``BSBRCache.reserve`` avoids that).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -20,13 +23,18 @@ from .modules import BSBRModel
 __all__ = ["CUDAGraphDecoder"]
 
 
+class _CapturedStep:
+    def __init__(self, graph: torch.cuda.CUDAGraph, ids: Tensor, out: Tensor, buffers: Tuple[int, ...]):
+        self.graph, self.ids, self.out, self.buffers = graph, ids, out, buffers
+
+
 class CUDAGraphDecoder:
     """``decoder(input_ids [b, 1])`` decodes one token per row from ``cache`` (in place), like
     ``model(input_ids, cache=cache)``, and returns ``head(hidden [b, 1, hidden_dim])`` (the
     hidden states when ``head`` is None).
 
-    The graph is bound to this model, cache and batch size. It is captured on the second step
-    that completes no chunk (the first runs eagerly and warms every kernel up).
+    Bound to this model, cache and batch size. Each kind of step (completing a chunk or not) runs
+    eagerly once, which warms its kernels up, and is captured the next time it comes.
     """
 
     def __init__(
@@ -35,14 +43,17 @@ class CUDAGraphDecoder:
         if not cache.lengths.is_cuda:
             raise ValueError(f"CUDAGraphDecoder needs a cache on a CUDA device, got {cache.lengths.device}")
         self.model, self.cache, self.head = model, cache, head
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.warmed_up = False
-        self.static_ids: Optional[Tensor] = None
-        self.static_out: Optional[Tensor] = None
+        self.steps: Dict[bool, _CapturedStep] = {}  # keyed by "completes a chunk"
+        self.warmed_up: Dict[bool, bool] = {}
 
     def _device_step(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.decode_device_step(input_ids, self.cache)
         return hidden if self.head is None else self.head(hidden)
+
+    def _buffers(self) -> Tuple[int, ...]:
+        return (self.cache.lengths.data_ptr(),) + tuple(
+            t.data_ptr() for layer in self.cache.layers for t in layer.tensors()
+        )
 
     @torch.no_grad()
     def __call__(self, input_ids: Tensor) -> Tensor:
@@ -52,21 +63,22 @@ class CUDAGraphDecoder:
                 f"input_ids must have shape [batch={cache.batch_size()}, 1], got {list(input_ids.shape)}"
             )
         completes = cache.next_token_completes_chunk()
-        if completes or not self.warmed_up:
-            if completes:
-                cache.grow_for_next_chunk()
-            else:
-                self.warmed_up = True
+        if completes:
+            cache.grow_for_next_chunk()
+        if not self.warmed_up.get(completes, False):
+            self.warmed_up[completes] = True
             out = self._device_step(input_ids)
         else:
-            if self.graph is None:
-                self.static_ids = input_ids.clone()
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.static_out = self._device_step(self.static_ids)
+            step = self.steps.get(completes)
+            if step is None or step.buffers != self._buffers():
+                ids = input_ids.clone()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step = _CapturedStep(graph, ids, self._device_step(ids), self._buffers())
+                self.steps[completes] = step
             else:
-                self.static_ids.copy_(input_ids)
-            self.graph.replay()
-            out = self.static_out.clone()  # the next replay overwrites static_out
+                step.ids.copy_(input_ids)
+            step.graph.replay()
+            out = step.out.clone()  # the next replay overwrites it
         cache.advance_host()
         return out
