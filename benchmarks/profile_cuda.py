@@ -20,6 +20,8 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=128)
     p.add_argument("--lengths", default="4k,64k")
     p.add_argument("--rows", type=int, default=14)
+    p.add_argument("--cpu-rows", type=int, default=0,
+                   help="also print this many rows sorted by self CPU time (host-bound cases)")
     args = p.parse_args()
     for text in args.lengths.split(","):
         n = int(text.lower().replace("k", "")) * (1024 if "k" in text.lower() else 1)
@@ -49,6 +51,9 @@ def main() -> None:
         print(f"\n== n={n} d={d} h={h} B={bsz}: host time to issue one fwd+bwd {host * 1e3:.3f} ms, "
               f"wall per call {wall * 1e3:.3f} ms (5 profiled calls below)")
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60))
+        if args.cpu_rows:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.cpu_rows,
+                                            max_name_column_width=60))
 
 
 if __name__ == "__main__":
