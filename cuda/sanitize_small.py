@@ -25,3 +25,19 @@ for dtype, d, n, B, w in [(torch.bfloat16, 64, 150, 48, 20), (torch.float32, 32,
     ops._chunk_states_bwd(st, ks, v, B)
     torch.cuda.synchronize()
     print(dtype, d, "ok", out.float().abs().mean().item(), [x.float().abs().mean().item() for x in grads])
+
+# Decode ops: one step per row at mixed positions (first chunk, chunk boundary, later chunk).
+for dtype in (torch.bfloat16, torch.float32, torch.float16):
+    b, h, d, ds, B, w, cap = 3, 2, 64, 32, 16, 5, 4
+    q, k, v = (torch.randn(b, h, d, device="cuda", dtype=dtype) for _ in range(3))
+    qs = torch.randn(b, h, ds, device="cuda", dtype=dtype)
+    wk, wv = (torch.randn(b, h, w + B, d, device="cuda", dtype=dtype) for _ in range(2))
+    ret = torch.randn(b, h, ds, d, device="cuda")
+    pos = torch.tensor([3, B - 1, 2 * B + 7], device="cuda")
+    o = ops.decode_attention(q, k, v, wk, wv, ret, pos, qs, chunk_size=B, chunk_overlap=w)
+    mq = torch.randn(b, h, d, device="cuda", dtype=dtype)
+    mk = torch.randn(b, h, cap, d, device="cuda", dtype=dtype)
+    st = torch.randn(b, h, cap, ds, d, device="cuda")
+    r = ops.decode_retrieval(mq, mk, st, torch.tensor([0, 2, cap], device="cuda"))
+    torch.cuda.synchronize()
+    print(dtype, "decode ok", o.float().abs().mean().item(), r.abs().mean().item())
