@@ -6,7 +6,8 @@ buffers, ``scaled_dot_product_attention`` over the filled part); BSBR keeps the 
 states (fp32), their meta keys and the current chunk's window (chunk 128).
 
 For each context length L the caches are first filled to L - steps/2 tokens (minus the warm-up
-steps, which for BSBR include one that completes a chunk), then ``steps`` tokens are decoded one
+steps, which for BSBR include steps that complete a chunk, so that the graph of such a step is
+captured before the timed window), then ``steps`` tokens are decoded one
 by one and each step is timed alone (wall clock, synchronised; on CUDA the
 synchronisation is what a sampling loop pays anyway). The window of steps straddles token L-1,
 which completes a chunk for L a multiple of the chunk size: the slowest BSBR step is that one.
@@ -183,9 +184,10 @@ def bench_bsbr(model, length, steps, warmup, fill, mode, device, dtype, vocab):
     size = model.layers[0].attention.chunk_size
     start = length - steps // 2
     total = start + steps
-    # Warm-up steps come first (so from a slightly shorter context) and include a step that
-    # completes a chunk, so that the timed window sees both kinds of step warm.
-    last_completion = start - 1 - (start - size) % size
+    # Warm-up steps come first (so from a slightly shorter context) and include steps that
+    # complete a chunk, so that the timed window sees both kinds of step warm: one for eager
+    # mode, two in graph mode (the first runs eagerly, the second captures).
+    last_completion = start - 1 - (start - size) % size - (size if mode == "graph" else 0)
     begin = max(1, min(start - warmup, last_completion - 1))
     warmup = start - begin
     if fill == "prefill":
