@@ -354,6 +354,7 @@ def markdown(results, contexts, modes, factors, card, dtype):
         + ["cache MiB: KV"] + [f"KV / BSBR f={f} cache" for f in factors]) + " |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     mib = 2.0**20
+    growth = []
     for mode in modes:
         for ctx in contexts:
             kv = get("kv_sdpa", mode, ctx)
@@ -369,9 +370,9 @@ def markdown(results, contexts, modes, factors, card, dtype):
             lines.append("| " + " | ".join(cells) + " |")
         first = [get(f"bsbr_f{factors[0]}", mode, c) for c in (contexts[0], contexts[-1])]
         if all(first):
-            lines.append(f"\n{mode}: BSBR f={factors[0]} median growth {contexts[0] // 1024}k -> "
-                         f"{contexts[-1] // 1024}k: {first[1]['median_ms'] / first[0]['median_ms']:.2f}x")
-    return "\n".join(lines)
+            growth.append(f"{mode}: BSBR f={factors[0]} median growth {contexts[0] // 1024}k -> "
+                          f"{contexts[-1] // 1024}k: {first[1]['median_ms'] / first[0]['median_ms']:.2f}x")
+    return "\n".join(lines + [""] + growth)
 
 
 if __name__ == "__main__":
