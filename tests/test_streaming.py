@@ -40,6 +40,20 @@ def stream(model, ids, splits):
     return torch.cat(outs, dim=1), cache
 
 
+def left_padded(lengths, extra=0, device="cpu"):
+    """Random sequences of ``length + extra`` tokens; returns them, the left-padded batch of their
+    first ``length`` tokens with its mask, and the ``extra`` tokens that follow (``[b, extra]``)."""
+    n = max(lengths)
+    seqs = [torch.randint(0, VOCAB, (length + extra,), device=device) for length in lengths]
+    ids = torch.zeros(len(seqs), n, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, length in enumerate(lengths):
+        ids[r, n - length :] = seqs[r][:length]
+        mask[r, n - length :] = 1
+    new = torch.stack([s[length:] for s, length in zip(seqs, lengths)])
+    return seqs, ids, mask, new
+
+
 @pytest.mark.parametrize("size,overlap,factor", CONFIGS)
 @pytest.mark.parametrize("prefill", [1, 4, 8, 9, 16, 23])
 def test_prefill_then_tokens_equals_parallel(size, overlap, factor, prefill):
@@ -66,13 +80,7 @@ def test_left_padded_prefill_and_decode_equal_alone(size, overlap, factor):
     model = make_model(size, overlap, factor)
     lengths, extra = [13, 7, 16, 1], 11
     n = max(lengths)
-    seqs = [torch.randint(0, VOCAB, (length + extra,)) for length in lengths]
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, length in enumerate(lengths):
-        ids[r, n - length :] = seqs[r][:length]
-        mask[r, n - length :] = 1
-    new = torch.stack([s[length:] for s, length in zip(seqs, lengths)])
+    seqs, ids, mask, new = left_padded(lengths, extra)
     with torch.no_grad():
         hidden, cache = model(ids, attention_mask=mask, use_cache=True)
         steps = torch.cat([model(new[:, i : i + 1], cache=cache)[0] for i in range(extra)], dim=1)
@@ -213,12 +221,7 @@ def test_generate_greedy_matches_full_forward_and_batch(size, overlap, factor):
     lm = make_lm(size, overlap, factor)
     lengths, steps = [13, 6, 16], 14
     n = max(lengths)
-    seqs = [torch.randint(0, VOCAB, (length,)) for length in lengths]
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, length in enumerate(lengths):
-        ids[r, n - length :] = seqs[r]
-        mask[r, n - length :] = 1
+    seqs, ids, mask, _ = left_padded(lengths)
     batched = lm.generate(ids, attention_mask=mask, max_new_tokens=steps, top_k=1)
     assert batched.shape == (3, n + steps)
     assert torch.equal(batched[:, :n], ids)
@@ -277,16 +280,9 @@ CUDA_SIZE = dict(hidden=128, heads=2)
 @pytest.mark.parametrize("size,overlap,factor", [(16, 0, None), (16, 5, 2), (32, 32, 4)])
 def test_cuda_streaming_matches_parallel(dtype, size, overlap, factor):
     lengths, extra = [40, 23], 37
-    n = max(lengths)
     truth_model = make_model(size, overlap, factor, **CUDA_SIZE)  # fp64 CPU
     model = make_model(size, overlap, factor, dtype=dtype, device="cuda", **CUDA_SIZE)
-    seqs = [torch.randint(0, VOCAB, (length + extra,)) for length in lengths]
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, length in enumerate(lengths):
-        ids[r, n - length :] = seqs[r][:length]
-        mask[r, n - length :] = 1
-    new = torch.stack([s[length:] for s, length in zip(seqs, lengths)])
+    seqs, ids, mask, new = left_padded(lengths, extra)
     with torch.no_grad():
         _, cache = model(ids.cuda(), attention_mask=mask.cuda(), use_cache=True)
         steps = torch.cat([model(new[:, i : i + 1].cuda(), cache=cache)[0] for i in range(extra)], 1)
@@ -312,13 +308,8 @@ def test_cuda_graph_decoder_needs_cuda():
 @pytest.mark.parametrize("size,overlap,factor", [(16, 0, None), (16, 5, 2)])
 def test_cuda_graph_decoder_matches_eager(size, overlap, factor):
     model = make_model(size, overlap, factor, dtype=torch.float32, device="cuda", **CUDA_SIZE)
-    lengths = [21, 9]
-    n, steps = max(lengths), 3 * size + 3  # several chunk completions in both rows
-    ids = torch.randint(0, VOCAB, (2, n), device="cuda")
-    mask = torch.zeros_like(ids)
-    for r, length in enumerate(lengths):
-        mask[r, n - length :] = 1
-    new = torch.randint(0, VOCAB, (2, steps), device="cuda")
+    lengths, steps = [21, 9], 3 * size + 3  # several chunk completions in both rows
+    _, ids, mask, new = left_padded(lengths, steps, device="cuda")
     with torch.no_grad():
         _, eager_cache = model(ids, attention_mask=mask, use_cache=True)
         _, graph_cache = model(ids, attention_mask=mask, use_cache=True)
@@ -337,12 +328,7 @@ def test_cuda_generate_batched_equals_alone():
     lm = make_lm(16, 5, 2, dtype=torch.float32, device="cuda", **CUDA_SIZE)
     lengths, steps = [30, 11, 17], 40
     n = max(lengths)
-    seqs = [torch.randint(0, VOCAB, (length,), device="cuda") for length in lengths]
-    ids = torch.zeros(len(seqs), n, dtype=torch.long, device="cuda")
-    mask = torch.zeros_like(ids)
-    for r, length in enumerate(lengths):
-        ids[r, n - length :] = seqs[r]
-        mask[r, n - length :] = 1
+    seqs, ids, mask, _ = left_padded(lengths, device="cuda")
     batched = lm.generate(ids, attention_mask=mask, max_new_tokens=steps, top_k=1)
     eager = lm.generate(ids, attention_mask=mask, max_new_tokens=steps, top_k=1, cuda_graph=False)
     assert torch.equal(batched, eager)
