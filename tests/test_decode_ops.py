@@ -138,15 +138,18 @@ ATTN_CASES = {
 }
 
 
-def attention_cases(device, dtypes):
+def case_params(table, names):
+    """pytest params (device, case, dtype) of every case of ``table`` in each device's dtypes; the
+    id spells the case's fields with ``names``."""
+    dtypes = {"cpu": [torch.float32, torch.float64, torch.bfloat16],
+              "cuda": [torch.float32, torch.bfloat16, torch.float16]}
     return [pytest.param(device, case, dtype, marks=device_marks(device),
-                         id=f"{device}-b{case[0]}h{case[1]}d{case[2]}ds{case[3]}B{case[4]}w{case[5]}-"
-                            f"{str(dtype).split('.')[-1]}")
-            for case in ATTN_CASES[device] for dtype in dtypes]
+                         id=f"{device}-" + "".join(f"{k}{v}" for k, v in zip(names, case))
+                            + f"-{str(dtype).split('.')[-1]}")
+            for device in ("cpu", "cuda") for case in table[device] for dtype in dtypes[device]]
 
 
-ATTN_PARAMS = (attention_cases("cpu", [torch.float32, torch.float64, torch.bfloat16])
-               + attention_cases("cuda", [torch.float32, torch.bfloat16, torch.float16]))
+ATTN_PARAMS = case_params(ATTN_CASES, ["b", "h", "d", "ds", "B", "w"])
 
 
 @pytest.mark.parametrize("device,case,dtype", ATTN_PARAMS)
@@ -264,15 +267,7 @@ RETR_CASES = {
 }
 
 
-def retrieval_cases(device, dtypes):
-    return [pytest.param(device, case, dtype, marks=device_marks(device),
-                         id=f"{device}-b{case[0]}h{case[1]}cap{case[2]}dm{case[3]}ds{case[4]}d{case[5]}-"
-                            f"{str(dtype).split('.')[-1]}")
-            for case in RETR_CASES[device] for dtype in dtypes]
-
-
-RETR_PARAMS = (retrieval_cases("cpu", [torch.float32, torch.float64, torch.bfloat16])
-               + retrieval_cases("cuda", [torch.float32, torch.bfloat16, torch.float16]))
+RETR_PARAMS = case_params(RETR_CASES, ["b", "h", "cap", "dm", "ds", "d"])
 
 
 @pytest.mark.parametrize("device,case,dtype", RETR_PARAMS)
