@@ -221,6 +221,26 @@ def fused_ref(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss):
     return ref.bsbr_attention(q, k, v, mq, mk, chunk, w, scale, ms, ss, q_state=qs, k_state=ks)
 
 
+FUSED_GRADS = ["grad_q", "grad_k", "grad_v", "grad_meta_q", "grad_meta_k", "grad_q_state", "grad_k_state"]
+
+
+def check_fused(ins, dtype, gen, chunk, w, scale, ms, ss, grad_ins=None):
+    """The fused op's forward and backward on ``ins = [q, k, v, mq, mk, qs, ks]`` against the
+    fp64 truth (SPEC §4 tolerance); gradients are taken w.r.t. ``grad_ins`` (default ``ins``).
+    Returns ``(out, lse, grad_out, grads)``."""
+    out, lse = ops._bsbr_attention_fwd(*ins, chunk, w, scale, ms, ss)
+    f = lambda *a: fused_ref(*a, chunk, w, scale, ms, ss)  # noqa: E731
+    check("out", out, f(*[x.double() for x in ins]), f(*ins))
+    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+    got = ops._bsbr_attention_bwd(g, *ins, out, lse, chunk, w, scale, ms, ss)
+    grad_ins = ins if grad_ins is None else grad_ins
+    _, tg = grads(f, [x.double() for x in grad_ins], g.double())
+    _, lg = grads(f, grad_ins, g)
+    for name, a, t, l_ in zip(FUSED_GRADS, got, tg, lg):
+        check(name, a, t, l_)
+    return out, lse, g, got
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[5]])
@@ -233,21 +253,9 @@ def test_bsbr_attention_fused(dtype, d, cfg, state):
     if state == "shared":  # the autograd layer passes q, k themselves when no state is given
         qs, ks = q, k
     scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
-    out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
-    f = lambda *a: fused_ref(*a, chunk, w, scale, ms, ss)  # noqa: E731
-    ins = [q, k, v, mq, mk, qs, ks]
-    truth = f(*[x.double() for x in ins])
-    check("out", out, truth, f(*ins))
-
-    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
-    got = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)
-    if state == "shared":  # grads w.r.t. distinct leaves: the reference sees separate tensors
-        ins = [q, k, v, mq, mk, q.clone(), k.clone()]
-    _, tg = grads(f, [x.double() for x in ins], g.double())
-    _, lg = grads(f, ins, g)
-    names = ["grad_q", "grad_k", "grad_v", "grad_meta_q", "grad_meta_k", "grad_q_state", "grad_k_state"]
-    for name, a, t, l_ in zip(names, got, tg, lg):
-        check(name, a, t, l_)
+    # Shared: grads w.r.t. distinct leaves, so the reference sees separate tensors.
+    grad_ins = [q, k, v, mq, mk, q.clone(), k.clone()] if state == "shared" else None
+    _, _, _, got = check_fused([q, k, v, mq, mk, qs, ks], dtype, gen, chunk, w, scale, ms, ss, grad_ins)
     for a in got:
         for x in (q, k, v, mq, mk, qs, ks):
             assert a.data_ptr() != x.data_ptr(), "outputs must never alias inputs"
@@ -268,18 +276,7 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
     mq, mk = mq * 2, mk * 2  # peakier retrieval weights
     scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
     ss = ss * 8  # make the long-range term a visible part of the output
-    out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
-    f = lambda *a: fused_ref(*a, chunk, w, scale, ms, ss)  # noqa: E731
-    ins = [q, k, v, mq, mk, qs, ks]
-    truth = f(*[x.double() for x in ins])
-    check("out", out, truth, f(*ins))
-    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
-    got = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)
-    _, tg = grads(f, [x.double() for x in ins], g.double())
-    _, lg = grads(f, ins, g)
-    names = ["grad_q", "grad_k", "grad_v", "grad_meta_q", "grad_meta_k", "grad_q_state", "grad_k_state"]
-    for name, a, t, l_ in zip(names, got, tg, lg):
-        check(name, a, t, l_)
+    out, lse, g, got = check_fused([q, k, v, mq, mk, qs, ks], dtype, gen, chunk, w, scale, ms, ss)
     os.environ["BSBR_MIX_FP32"] = "1"
     try:
         out32, _ = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
@@ -287,7 +284,7 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
     finally:
         del os.environ["BSBR_MIX_FP32"]
     # Same inputs, retrieval in true fp32: the outputs differ by at most a rounding of the dtype.
-    for name, a, c in zip(["out"] + names, (out, *got), (out32, *got32)):
+    for name, a, c in zip(["out"] + FUSED_GRADS, (out, *got), (out32, *got32)):
         err = rel_err(a, c)
         assert err < 1e-2, f"{name}: tensor-core retrieval differs from fp32 retrieval by {err:.3e}"
 
