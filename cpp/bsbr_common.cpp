@@ -3,7 +3,6 @@
 #include <sstream>
 
 namespace bsbr {
-namespace {
 
 void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
   TORCH_CHECK_VALUE(
@@ -18,12 +17,15 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, co
   TORCH_CHECK_TYPE(
       t.scalar_type() == ref.scalar_type(), message(name, " must have the same dtype as ", ref_name,
       " (", ref.scalar_type(), "), got ", t.scalar_type()));
+  check_device(t, name, ref, ref_name);
+}
+
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(
       t.device() == ref.device(), message(name, " must be on the same device as ", ref_name, " (",
       ref.device(), "), got ", t.device()));
 }
 
-// Checks that dims [0, count) of t equal `expected`, naming the layout in the message.
 void check_dims(
     const at::Tensor& t, const char* name, c10::SymIntArrayRef expected, const char* layout,
     const char* rule) {
@@ -36,14 +38,22 @@ void check_dims(
       t.sym_sizes()));
 }
 
-void check_state_tensor(const at::Tensor& t, const char* name, at::ScalarType input_dtype) {
-  check_rank(t, name, 5, "[batch, heads, num_chunks, state_dim, head_dim]");
+void check_state_tensor(const at::Tensor& t, const char* name, int64_t rank, const char* layout,
+                        const at::Tensor& ref, const char* ref_name) {
+  check_rank(t, name, rank, layout);
+  const at::ScalarType expected = state_dtype(ref.scalar_type());
   TORCH_CHECK_TYPE(
-      t.scalar_type() == state_dtype(input_dtype), message(name, " must be ", state_dtype(input_dtype),
+      t.scalar_type() == expected, message(name, " must be ", expected,
       " (states are kept in fp32, fp64 for fp64 inputs), got ", t.scalar_type()));
+  check_device(t, name, ref, ref_name);
 }
 
-}  // namespace
+void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.dim() == 1, message(name, " must be a 1-D tensor [batch], got shape ", t.sym_sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, message(name, " must be int64, got ", t.scalar_type()));
+  check_device(t, name, ref, ref_name);
+  check_dims(t, name, ref.sym_sizes().slice(0, 1), "[batch]", message("the batch of ", ref_name).c_str());
+}
 
 std::string piece(const c10::SymInt& s) {
   if (auto v = s.maybe_as_int()) return std::to_string(*v);
@@ -121,10 +131,8 @@ void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap) {
   }
   if (in.states.defined()) {
     const char* name = in.q.defined() ? "retrieved" : "states";
-    check_state_tensor(in.states, name, first.scalar_type());
-    TORCH_CHECK_VALUE(
-        in.states.device() == first.device(), message(name, " must be on the same device as ",
-        first_name, " (", first.device(), "), got ", in.states.device()));
+    check_state_tensor(in.states, name, 5, "[batch, heads, num_chunks, state_dim, head_dim]", first,
+                       first_name);
     check_dims(in.states, name, chunked, "[batch, heads, num_chunks, state_dim, head_dim]", chunk_rule);
     if (in.q_state.defined()) {
       TORCH_CHECK_VALUE(

@@ -55,6 +55,22 @@ struct Inputs {
 void check_inputs(const Inputs& in, int64_t chunk_size, int64_t chunk_overlap);
 void check_chunking(int64_t chunk_size, int64_t chunk_overlap);  // chunk_size >= 1, 0 <= overlap <= it
 
+// The pieces check_inputs is made of, for ops with other layouts (the decode ops):
+// rank `rank` and a floating dtype;
+void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout);
+// ref's dtype and device;
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
+// ref's device;
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
+// dims [0, expected.size()) equal `expected` (`rule` says where they come from);
+void check_dims(const at::Tensor& t, const char* name, c10::SymIntArrayRef expected, const char* layout,
+                const char* rule);
+// a state tensor: rank `rank`, the state dtype of ref's dtype, ref's device;
+void check_state_tensor(const at::Tensor& t, const char* name, int64_t rank, const char* layout,
+                        const at::Tensor& ref, const char* ref_name);
+// a per-row int64 tensor [batch] on ref's device (positions, chunk counts).
+void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
+
 Scales resolve_scales(
     const at::Tensor& q,
     const at::Tensor& meta_q,

@@ -6,6 +6,8 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "bsbr_common.h"
 #include "internal_ops.h"
 
@@ -225,67 +227,41 @@ at::Tensor chunk_attention_inference(const at::Tensor& q, const at::Tensor& k, c
 
 // ---- streaming decode (inference only) ----------------------------------------------------
 
-void check_decode_tensor(const at::Tensor& t, const char* name, int64_t rank, const char* layout,
-                         const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.dim() == rank, message(name, " must be a ", rank, "-D tensor ", layout,
-                                             ", got shape ", t.sym_sizes()));
-  TORCH_CHECK_VALUE(t.device() == q.device(), message(name, " must be on the same device as q (",
-                                                      q.device(), "), got ", t.device()));
-  TORCH_CHECK_VALUE(t.sym_size(0) == q.sym_size(0) && (rank == 1 || t.sym_size(1) == q.sym_size(1)),
-                    message(name, " must have shape ", layout, " with [batch, heads] of q = [",
-                            q.sym_size(0), ", ", q.sym_size(1), "], got shape ", t.sym_sizes()));
-}
-
-void check_decode_position(const at::Tensor& position, const char* name, const at::Tensor& q) {
-  check_decode_tensor(position, name, 1, "[batch]", q);
-  TORCH_CHECK_TYPE(position.scalar_type() == at::kLong,
-                   message(name, " must be int64, got ", position.scalar_type()));
-}
-
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::Tensor& window_k, at::Tensor& window_v, const at::Tensor& retrieved,
                             const at::Tensor& position, const OptTensor& q_state, int64_t chunk_size,
                             int64_t chunk_overlap, OptDouble scale, OptDouble state_scale) {
   check_chunking(chunk_size, chunk_overlap);
   const char* token_layout = "[batch, heads, head_dim]";
-  check_decode_tensor(q, "q", 3, token_layout, q);
-  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()),
-                   message("q must be a floating-point tensor, got ", q.scalar_type()));
+  check_rank(q, "q", 3, token_layout);
   for (auto [t, name] : {std::pair{k, "k"}, std::pair{v, "v"}}) {
-    check_decode_tensor(t, name, 3, token_layout, q);
-    TORCH_CHECK_VALUE(t.sym_size(2) == q.sym_size(2),
-                      message(name, " must have the shape of q ", q.sym_sizes(), ", got ", t.sym_sizes()));
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), message(name, " must have the dtype of q (",
-                     q.scalar_type(), "), got ", t.scalar_type()));
+    check_rank(t, name, 3, token_layout);
+    check_like(t, name, q, "q");
+    check_dims(t, name, q.sym_sizes(), token_layout, "the shape of q");
   }
   const char* window_layout = "[batch, heads, chunk_overlap + chunk_size, head_dim]";
+  const std::vector<c10::SymInt> window_shape = {q.sym_size(0), q.sym_size(1),
+                                                 c10::SymInt(chunk_overlap + chunk_size), q.sym_size(2)};
   for (auto [t, name] : {std::pair{window_k, "window_k"}, std::pair{window_v, "window_v"}}) {
-    check_decode_tensor(t, name, 4, window_layout, q);
-    TORCH_CHECK_VALUE(t.sym_size(2) == chunk_overlap + chunk_size && t.sym_size(3) == q.sym_size(2),
-                      message(name, " must have shape ", window_layout, " = [..., ",
-                              chunk_overlap + chunk_size, ", ", q.sym_size(2), "], got shape ",
-                              t.sym_sizes()));
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), message(name, " must have the dtype of q (",
-                     q.scalar_type(), "), got ", t.scalar_type()));
+    check_rank(t, name, 4, window_layout);
+    check_like(t, name, q, "q");
+    check_dims(t, name, window_shape, window_layout, "[batch, heads, head_dim] of q");
     TORCH_CHECK_VALUE(t.is_contiguous(), message(name, " must be contiguous (it is written in place)"));
   }
   const at::Tensor qs = q_state.value_or(q);
   if (q_state.has_value()) {
-    check_decode_tensor(qs, "q_state", 3, "[batch, heads, state_dim]", q);
-    TORCH_CHECK_TYPE(qs.scalar_type() == q.scalar_type(), message("q_state must have the dtype of q (",
-                     q.scalar_type(), "), got ", qs.scalar_type()));
+    const char* state_layout = "[batch, heads, state_dim]";
+    check_rank(qs, "q_state", 3, state_layout);
+    check_like(qs, "q_state", q, "q");
+    check_dims(qs, "q_state", q.sym_sizes().slice(0, 2), state_layout, "[batch, heads] of q");
   }
-  check_decode_tensor(retrieved, "retrieved", 4, "[batch, heads, state_dim, head_dim]", q);
-  TORCH_CHECK_VALUE(retrieved.sym_size(2) == qs.sym_size(2) && retrieved.sym_size(3) == q.sym_size(2),
-                    message("retrieved must have [state_dim, head_dim] = [", qs.sym_size(2), ", ",
-                            q.sym_size(2), "], got shape ", retrieved.sym_sizes()));
-  TORCH_CHECK_TYPE(retrieved.scalar_type() == state_dtype(q.scalar_type()),
-                   message("retrieved must be ", state_dtype(q.scalar_type()),
-                           " (states are kept in fp32, fp64 for fp64 inputs), got ",
-                           retrieved.scalar_type()));
-  check_decode_position(position, "position", q);
-  // A token tensor of shape [b, h, d] reads like [b, h, n=d, ...] to resolve_scales: only the
-  // last dims matter there.
+  const char* retrieved_layout = "[batch, heads, state_dim, head_dim]";
+  check_state_tensor(retrieved, "retrieved", 4, retrieved_layout, q, "q");
+  check_dims(retrieved, "retrieved", {q.sym_size(0), q.sym_size(1), qs.sym_size(2), q.sym_size(2)},
+             retrieved_layout, "[batch, heads] of q, state_dim of q_state, head_dim of q");
+  check_index_tensor(position, "position", q, "q");
+  // A token tensor [b, h, d] reads like [b, h, n=d, ...] to resolve_scales: only its last dims
+  // matter there.
   const auto sc = resolve_scales(q, {}, qs, chunk_size, scale, std::nullopt, state_scale);
   return internal::decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), window_k, window_v,
                                     retrieved.contiguous(), position.contiguous(), qs.contiguous(),
@@ -294,25 +270,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 at::Tensor decode_retrieval(const at::Tensor& meta_q, const at::Tensor& meta_k, const at::Tensor& states,
                             const at::Tensor& num_chunks, OptDouble meta_scale) {
-  check_decode_tensor(meta_q, "meta_q", 3, "[batch, heads, meta_dim]", meta_q);
-  TORCH_CHECK_TYPE(at::isFloatingType(meta_q.scalar_type()),
-                   message("meta_q must be a floating-point tensor, got ", meta_q.scalar_type()));
-  check_decode_tensor(meta_k, "meta_k", 4, "[batch, heads, capacity, meta_dim]", meta_q);
+  check_rank(meta_q, "meta_q", 3, "[batch, heads, meta_dim]");
+  const char* meta_layout = "[batch, heads, capacity, meta_dim]";
+  check_rank(meta_k, "meta_k", 4, meta_layout);
+  check_like(meta_k, "meta_k", meta_q, "meta_q");
+  check_dims(meta_k, "meta_k", meta_q.sym_sizes().slice(0, 2), meta_layout, "[batch, heads] of meta_q");
   TORCH_CHECK_VALUE(meta_k.sym_size(3) == meta_q.sym_size(2),
                     message("meta_k must have the meta_dim of meta_q (", meta_q.sym_size(2),
                             "), got shape ", meta_k.sym_sizes()));
-  TORCH_CHECK_TYPE(meta_k.scalar_type() == meta_q.scalar_type(), message(
-                   "meta_k must have the dtype of meta_q (", meta_q.scalar_type(), "), got ",
-                   meta_k.scalar_type()));
-  check_decode_tensor(states, "states", 5, "[batch, heads, capacity, state_dim, head_dim]", meta_q);
-  TORCH_CHECK_VALUE(states.sym_size(2) == meta_k.sym_size(2),
-                    message("states must have the capacity of meta_k (", meta_k.sym_size(2),
-                            "), got shape ", states.sym_sizes()));
-  TORCH_CHECK_TYPE(states.scalar_type() == state_dtype(meta_q.scalar_type()),
-                   message("states must be ", state_dtype(meta_q.scalar_type()),
-                           " (states are kept in fp32, fp64 for fp64 inputs), got ",
-                           states.scalar_type()));
-  check_decode_position(num_chunks, "num_chunks", meta_q);
+  const char* states_layout = "[batch, heads, capacity, state_dim, head_dim]";
+  check_state_tensor(states, "states", 5, states_layout, meta_q, "meta_q");
+  check_dims(states, "states", meta_k.sym_sizes().slice(0, 3), states_layout,
+             "[batch, heads, capacity] of meta_k");
+  check_index_tensor(num_chunks, "num_chunks", meta_q, "meta_q");
   const double ms = resolve_scales({}, meta_q, {}, 1, std::nullopt, meta_scale, std::nullopt).meta_scale;
   return internal::decode_retrieval(meta_q.contiguous(), meta_k.contiguous(), states.contiguous(),
                                     num_chunks.contiguous(), ms);

@@ -363,8 +363,8 @@ def _call_attention(a):
 # (id, argument replaced, new value, exception, message pattern)
 ATTN_BAD = [
     ("q_rank", "q", lambda a: a["q"][:, :, None], ValueError, "q must be a 3-D"),
-    ("k_shape", "k", lambda a: a["k"][:, :, :-1], ValueError, "k must have the shape of q"),
-    ("v_dtype", "v", lambda a: a["v"].double(), TypeError, "v must have the dtype of q"),
+    ("k_shape", "k", lambda a: a["k"][:, :, :-1], ValueError, "k must have shape .* with the shape of q"),
+    ("v_dtype", "v", lambda a: a["v"].double(), TypeError, "v must have the same dtype as q"),
     ("window_k_shape", "window_k", lambda a: a["window_k"][:, :, :-1], ValueError, "window_k"),
     ("window_v_shape", "window_v", lambda a: a["window_v"][:, :, :, :-1], ValueError, "window_v"),
     ("window_k_strided", "window_k", lambda a: a["window_k"].transpose(0, 1).contiguous().transpose(0, 1),
