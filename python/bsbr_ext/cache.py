@@ -100,26 +100,27 @@ class BSBRCache:
     def batch_size(self) -> int:
         return len(self.host_lengths)
 
-    def next_token_completes_chunk(self) -> bool:
+    def prepare_step(self) -> bool:
         """Whether the next token completes a chunk in some row (that step also stores the
-        chunk's state and retrieves the next chunk's)."""
+        chunk's state and retrieves the next chunk's); if so, makes room for it. Every row writes
+        at its current chunk's index on such a step, so room is made for the furthest row."""
+        completes = False
         for n in self.host_lengths:
             if n % self.chunk_size == self.chunk_size - 1:
-                return True
-        return False
+                completes = True
+        if not completes:
+            return False
+        needed = max(self.host_lengths) // self.chunk_size + 1
+        for layer in self.layers:
+            if needed > layer.capacity():
+                layer.reserve(max(needed, layer.capacity() + layer.capacity() // 4 + 1))
+        return True
 
     def reserve(self, max_length: int) -> None:
         """Allocate room for ``max_length`` tokens per row now, so that decoding up to that length
         never reallocates (buffers otherwise grow by a quarter when full)."""
         for layer in self.layers:
             layer.reserve(max_length // self.chunk_size)
-
-    def grow_for_next_chunk(self) -> None:
-        """Make room for the chunk the next token completes."""
-        needed = max(self.host_lengths) // self.chunk_size + 1
-        for layer in self.layers:
-            if needed > layer.capacity():
-                layer.reserve(max(needed, layer.capacity() + layer.capacity() // 4 + 1))
 
     def advance_host(self) -> None:
         """Count one more token in every row on the host (``lengths`` is advanced on the device

@@ -46,8 +46,8 @@ class CUDAGraphDecoder:
         self.steps: Dict[bool, _CapturedStep] = {}  # keyed by "completes a chunk"
         self.warmed_up: Dict[bool, bool] = {}
 
-    def _device_step(self, input_ids: Tensor) -> Tensor:
-        hidden = self.model.decode_device_step(input_ids, self.cache)
+    def _device_step(self, input_ids: Tensor, completes: bool) -> Tensor:
+        hidden = self.model.decode_device_step(input_ids, self.cache, completes)
         return hidden if self.head is None else self.head(hidden)
 
     def _buffers(self) -> Tuple[int, ...]:
@@ -62,19 +62,17 @@ class CUDAGraphDecoder:
             raise ValueError(
                 f"input_ids must have shape [batch={cache.batch_size()}, 1], got {list(input_ids.shape)}"
             )
-        completes = cache.next_token_completes_chunk()
-        if completes:
-            cache.grow_for_next_chunk()
+        completes = cache.prepare_step()
         if not self.warmed_up.get(completes, False):
             self.warmed_up[completes] = True
-            out = self._device_step(input_ids)
+            out = self._device_step(input_ids, completes)
         else:
             step = self.steps.get(completes)
             if step is None or step.buffers != self._buffers():
                 ids = input_ids.clone()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    step = _CapturedStep(graph, ids, self._device_step(ids), self._buffers())
+                    step = _CapturedStep(graph, ids, self._device_step(ids, completes), self._buffers())
                 self.steps[completes] = step
             else:
                 step.ids.copy_(input_ids)

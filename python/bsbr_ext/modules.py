@@ -213,7 +213,11 @@ class BSBRAttention(nn.Module):
         gets 0; the partial last chunk is averaged over the tokens it has.
         """
         sums, counts = self.chunk_sums(x, mask)
-        return (sums / counts.clamp(min=1.0)).to(x.dtype)
+        return self.summaries_from(sums, counts, x.dtype)
+
+    def summaries_from(self, sums: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
+        """Chunk means from ``chunk_sums``; a chunk without real tokens gets 0."""
+        return (sums / counts.clamp(min=1.0)).to(dtype)
 
     def meta_keys(self, xbar: Tensor) -> Tensor:
         """``meta_k[c] = W_h xbar_c``: ``[b, h, C, dm]``."""
@@ -256,23 +260,34 @@ class BSBRAttention(nn.Module):
         zeroed (so chunk states ``k_state^T v`` sum over real tokens only), it is excluded from
         the summaries, and its outputs are 0.
         """
+        return self.attend_packed(x, mask)[0]
+
+    def attend_packed(
+        self, x: Tensor, mask: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``forward_packed`` and what a streaming cache is built from:
+        ``(out, k, v, k_state, chunk sums, chunk summaries, meta_k)``, with ``k_state`` = ``k``
+        uncompressed."""
         x, q, k, v = self.packed_inputs(x, mask)
-        xbar = self.chunk_summaries(x, mask)
+        sums, counts = self.chunk_sums(x, mask)
+        xbar = self.summaries_from(sums, counts, x.dtype)
+        meta_k = self.meta_keys(xbar)
+        k_state = self.project_state(k)
         out = bsbr_attention(
             q,
             k,
             v,
             self.meta_queries(xbar),
-            self.meta_keys(xbar),
+            meta_k,
             self.chunk_size,
             self.chunk_overlap,
             None,
             None,
             None,
             self.project_state(q),
-            self.project_state(k),
+            k_state,
         )
-        return self.output(out, mask)
+        return self.output(out, mask), k, v, k if k_state is None else k_state, sums, xbar, meta_k
 
     # -- streaming (see bsbr_ext.cache; Python only, not part of the TorchScript surface) --------
 
@@ -280,21 +295,12 @@ class BSBRAttention(nn.Module):
     def prefill(self, x: Tensor, mask: Optional[Tensor], lengths: Tensor):
         """``forward_packed`` that also returns this layer's :class:`BSBRLayerCache` for rows of
         ``lengths`` real tokens (``[b]`` int64, the packed prefix lengths)."""
-        x, q, k, v = self.packed_inputs(x, mask)
-        sums, counts = self.chunk_sums(x, mask)
-        xbar = (sums / counts.clamp(min=1.0)).to(x.dtype)
-        meta_k = self.meta_keys(xbar)
-        k_state = self.project_state(k)
-        out = bsbr_attention(
-            q, k, v, self.meta_queries(xbar), meta_k, self.chunk_size, self.chunk_overlap,
-            None, None, None, self.project_state(q), k_state,
-        )
+        out, k, v, k_state, sums, xbar, meta_k = self.attend_packed(x, mask)
         with torch.no_grad():
             cache = self._build_cache(
-                k.detach(), v.detach(), k.detach() if k_state is None else k_state.detach(),
-                sums, xbar.detach(), meta_k.detach(), lengths,
+                k.detach(), v.detach(), k_state.detach(), sums, xbar.detach(), meta_k.detach(), lengths
             )
-        return self.output(out, mask), cache
+        return out, cache
 
     def _build_cache(
         self, k: Tensor, v: Tensor, k_state: Tensor, sums: Tensor, xbar: Tensor, meta_k: Tensor,
@@ -326,9 +332,10 @@ class BSBRAttention(nn.Module):
         )
 
     @torch.jit.unused
-    def decode(self, x: Tensor, layer_cache: BSBRLayerCache, cache: BSBRCache) -> Tensor:
-        """One token per row (``x: [b, 1, hidden]``) at positions ``cache.lengths``: its output
-        ``[b, 1, hidden]``, updating ``layer_cache`` in place (the caller advances ``cache``)."""
+    def decode(self, x: Tensor, layer_cache: BSBRLayerCache, lengths: Tensor, completes: bool) -> Tensor:
+        """One token per row (``x: [b, 1, hidden]``) at positions ``lengths``: its output
+        ``[b, 1, hidden]``, updating ``layer_cache`` in place (the caller advances the lengths).
+        ``completes``: whether this token completes a chunk in some row."""
         b = x.shape[0]
         size, w = self.chunk_size, self.chunk_overlap
         # [b, h, d] views of the one token's projections (no copies at batch 1).
@@ -336,12 +343,11 @@ class BSBRAttention(nn.Module):
         q_state = self.project_state(q)
         lc = layer_cache
         out = decode_attention(
-            q, k, v, lc.window_k, lc.window_v, lc.retrieved, cache.lengths, size, w,
-            q_state=q_state,
+            q, k, v, lc.window_k, lc.window_v, lc.retrieved, lengths, size, w, q_state=q_state,
         )
         lc.summary += x[:, 0]
-        if cache.next_token_completes_chunk():
-            self._complete_chunk(lc, cache.lengths, x.dtype)
+        if completes:
+            self._complete_chunk(lc, lengths, x.dtype)
         return self.output(out.view(b, self.num_heads, 1, self.head_dim), None)
 
     def _complete_chunk(self, lc: BSBRLayerCache, lengths: Tensor, dtype: torch.dtype) -> None:
@@ -442,9 +448,9 @@ class BSBRLayer(nn.Module):
         return self.feed_forward(x + self.dropout(out)), layer_cache
 
     @torch.jit.unused
-    def decode(self, x: Tensor, layer_cache: BSBRLayerCache, cache: BSBRCache) -> Tensor:
+    def decode(self, x: Tensor, layer_cache: BSBRLayerCache, lengths: Tensor, completes: bool) -> Tensor:
         """One token per row (see ``BSBRAttention.decode``)."""
-        x = x + self.dropout(self.attention.decode(self.norm1(x), layer_cache, cache))
+        x = x + self.dropout(self.attention.decode(self.norm1(x), layer_cache, lengths, completes))
         return self.feed_forward(x)
 
 
@@ -536,17 +542,29 @@ class BSBRModel(nn.Module):
             )
         if cache is not None or use_cache:
             return self.forward_cached(input_ids, attention_mask, cache)
-        b, n = input_ids.shape[0], input_ids.shape[1]
+        x, mask, dest = self.embed_packed(input_ids, attention_mask)
+        return self.unpack(self.run_layers(x, mask), mask, dest)
+
+    def embed_packed(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor]
+    ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(x, mask, dest)``: the embedded batch in the packed layout, its mask (True on each
+        row's prefix of real tokens) and the permutation back (both None without a mask)."""
+        n = input_ids.shape[1]
         positions = torch.arange(n, device=input_ids.device)
         if attention_mask is None:
-            return self.norm(self.run_layers(self.embed(input_ids, positions), None))
-        keep = _check_mask(attention_mask, b, n)
-        src, dest, packed_keep = packing_permutation(keep)
+            return self.embed(input_ids, positions), None, None
+        keep = _check_mask(attention_mask, input_ids.shape[0], n)
+        src, dest, mask = packing_permutation(keep)
         # Packed, every row's real tokens sit at positions 0, 1, ...: positions are plain arange.
-        x = self.embed(input_ids.gather(1, src), positions)
-        x = self.norm(self.run_layers(x, packed_keep))
-        x = torch.where(packed_keep.unsqueeze(-1), x, torch.zeros_like(x))
-        return gather_tokens(x, dest)
+        return self.embed(input_ids.gather(1, src), positions), mask, dest
+
+    def unpack(self, x: Tensor, mask: Optional[Tensor], dest: Optional[Tensor]) -> Tensor:
+        """Final norm, then padding set to 0 and the original token order restored."""
+        x = self.norm(x)
+        if mask is None or dest is None:
+            return x
+        return gather_tokens(torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x)), dest)
 
     # -- streaming -------------------------------------------------------------------------------
 
@@ -581,27 +599,20 @@ class BSBRModel(nn.Module):
         b, n = input_ids.shape[0], input_ids.shape[1]
         if n == 0:
             raise ValueError("input_ids must hold at least one token to prefill a cache")
-        positions = torch.arange(n, device=input_ids.device)
-        if attention_mask is None:
+        x, mask, dest = self.embed_packed(input_ids, attention_mask)
+        if mask is None:
             lengths = torch.full((b,), n, dtype=torch.long, device=input_ids.device)
             host_lengths = [n] * b
-            mask, src, dest = None, None, None
-            x = self.embed(input_ids, positions)
         else:
-            keep = _check_mask(attention_mask, b, n)
-            src, dest, mask = packing_permutation(keep)
             lengths = mask.sum(dim=1)
             host_lengths = lengths.tolist()  # one sync: which later steps complete a chunk
             if min(host_lengths) == 0:
                 raise ValueError("attention_mask must keep at least one token in every row")
-            x = self.embed(input_ids.gather(1, src), positions)
         layer_caches = []
         for layer in self.layers:
             x, layer_cache = layer.prefill(x, mask, lengths)
             layer_caches.append(layer_cache)
-        x = self.norm(x)
-        if mask is not None and dest is not None:
-            x = gather_tokens(torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x)), dest)
+        x = self.unpack(x, mask, dest)
         attn = self.layers[0].attention
         cache = BSBRCache(layer_caches, lengths, host_lengths, attn.chunk_size, attn.chunk_overlap)
         return x, cache
@@ -609,18 +620,16 @@ class BSBRModel(nn.Module):
     @torch.jit.unused
     def decode_step(self, input_ids: Tensor, cache: BSBRCache) -> Tensor:
         """Hidden states ``[b, 1, hidden]`` of one new token per row (``input_ids: [b, 1]``)."""
-        if cache.next_token_completes_chunk():
-            cache.grow_for_next_chunk()
-        hidden = self.decode_device_step(input_ids, cache)
+        hidden = self.decode_device_step(input_ids, cache, cache.prepare_step())
         cache.advance_host()
         return hidden
 
     @torch.jit.unused
-    def decode_device_step(self, input_ids: Tensor, cache: BSBRCache) -> Tensor:
+    def decode_device_step(self, input_ids: Tensor, cache: BSBRCache, completes: bool) -> Tensor:
         """The device work of ``decode_step``: no host sync and, on steps that complete no chunk,
         no allocation that outlives the step, so a CUDA graph can capture it."""
         x = self.embed(input_ids, cache.lengths.view(-1, 1))
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer.decode(x, layer_cache, cache)
+            x = layer.decode(x, layer_cache, cache.lengths, completes)
         cache.lengths += 1
         return self.norm(x)
