@@ -61,12 +61,26 @@ class KVLayer(nn.Module):
         self.out_proj = nn.Linear(hidden, hidden)
         self.ff = nn.Sequential(nn.Linear(hidden, ff_dim), nn.GELU(), nn.Linear(ff_dim, hidden))
 
+    def project(self, x):
+        """``q, k, v [b, heads, n, head_dim]`` of ``x [b, n, hidden]``."""
+        b, n = x.shape[0], x.shape[1]
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, self.head_dim).unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def finish(self, x, attn):
+        """Output projection and residual, then the feed-forward block."""
+        x = x + self.out_proj(attn.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return x + self.ff(self.norm2(x))
+
+    def prefill(self, x, k_cache, v_cache):
+        q, k, v = self.project(x)
+        k_cache[:, :, : x.shape[1]], v_cache[:, :, : x.shape[1]] = k, v
+        return self.finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
     def decode(self, x, k_cache, v_cache, position, valid):
         """One token (x: [b, 1, hidden]) at ``position`` (int, eager) or with a ``valid`` mask
-        over the whole static cache (graph mode)."""
-        b = x.shape[0]
-        q, k, v = self.qkv(self.norm1(x)).view(b, 1, 3, self.heads, self.head_dim).unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        over the whole static cache (graph mode; ``position`` is then a device tensor)."""
+        q, k, v = self.project(x)
         if valid is None:
             k_cache[:, :, position : position + 1] = k
             v_cache[:, :, position : position + 1] = v
@@ -80,8 +94,7 @@ class KVLayer(nn.Module):
             k_cache.index_copy_(2, position, k)
             v_cache.index_copy_(2, position, v)
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid)
-        x = x + self.out_proj(attn.transpose(1, 2).reshape(b, 1, -1))
-        return x + self.ff(self.norm2(x))
+        return self.finish(x, attn)
 
 
 class KVTransformer(nn.Module):
@@ -97,28 +110,22 @@ class KVTransformer(nn.Module):
         return [(torch.zeros(shape, device=device, dtype=dtype),
                  torch.zeros(shape, device=device, dtype=dtype)) for _ in self.layers]
 
+    def embed(self, ids, positions):
+        weight = self.embedding.weight
+        return self.embedding(ids) + sinusoidal_positions(positions, weight.shape[1], weight.dtype)
+
     def prefill(self, ids, caches):
-        n = ids.shape[1]
-        x = self.embedding(ids) + sinusoidal_positions(torch.arange(n, device=ids.device), x_dim(self), self.embedding.weight.dtype)
+        x = self.embed(ids, torch.arange(ids.shape[1], device=ids.device))
         for layer, (kc, vc) in zip(self.layers, caches):
-            b = x.shape[0]
-            q, k, v = layer.qkv(layer.norm1(x)).view(b, n, 3, layer.heads, layer.head_dim).unbind(2)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            kc[:, :, :n], vc[:, :, :n] = k, v
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + layer.out_proj(attn.transpose(1, 2).reshape(b, n, -1))
-            x = x + layer.ff(layer.norm2(x))
+            x = layer.prefill(x, kc, vc)
 
     def decode(self, ids, caches, position, valid=None, position_tensor=None):
+        """Eager: ``position`` (int). Graph mode: ``valid`` mask and ``position_tensor``."""
         pos = position_tensor if valid is not None else torch.tensor([position], device=ids.device)
-        x = self.embedding(ids) + sinusoidal_positions(pos.view(1, 1), x_dim(self), self.embedding.weight.dtype)
+        x = self.embed(ids, pos.view(1, 1))
         for layer, (kc, vc) in zip(self.layers, caches):
             x = layer.decode(x, kc, vc, position if valid is None else position_tensor, valid)
         return self.norm(x)
-
-
-def x_dim(model) -> int:
-    return model.embedding.weight.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------
