@@ -2,6 +2,14 @@
 (device time per kernel) and the host time per call, for the issue-3 shapes.
 
     python benchmarks/profile_cuda.py --head-dim 64 --lengths 4k,64k
+
+With --ncu the script instead runs, after warm-up, one forward and one forward+backward per
+length between cudaProfilerStart/Stop, for Nsight Compute to read the hardware counters of
+exactly those kernels (benchmarks/ncu_summary.py turns its CSV into a table):
+
+    ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --csv --page details \
+        python benchmarks/profile_cuda.py --ncu --lengths 64k > ncu.csv
 """
 
 import argparse
@@ -22,6 +30,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=14)
     p.add_argument("--cpu-rows", type=int, default=0,
                    help="also print this many rows sorted by self CPU time (host-bound cases)")
+    p.add_argument("--ncu", action="store_true",
+                   help="profile one fwd and one fwd+bwd per length for ncu (no torch profiler)")
     args = p.parse_args()
     for text in args.lengths.split(","):
         n = int(text.lower().replace("k", "")) * (1024 if "k" in text.lower() else 1)
@@ -38,6 +48,14 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
+        if args.ncu:
+            torch.cuda.cudart().cudaProfilerStart()
+            with torch.no_grad():
+                bsbr_ext.bsbr_attention(q, k, v, mq, mk, bsz)
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+            continue
         t0 = time.perf_counter()
         for _ in range(20):
             step()
