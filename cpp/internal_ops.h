@@ -4,6 +4,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
 #include <tuple>
 
 namespace bsbr::internal {
@@ -18,21 +19,22 @@ using T2 = std::tuple<T, T>;
 using T3 = std::tuple<T, T, T>;
 using T5 = std::tuple<T, T, T, T, T>;
 using T7 = std::tuple<T, T, T, T, T, T, T>;
+using OptT = std::optional<T>;
 
 inline T2 bsbr_attention_fwd(const T& q, const T& k, const T& v, const T& mq, const T& mk,
-                             const T& qs, const T& ks, int64_t chunk, int64_t overlap, double scale,
-                             double meta_scale, double state_scale) {
-  static auto h = op<T2(const T&, const T&, const T&, const T&, const T&, const T&, const T&,
+                             const OptT& qs, const OptT& ks, int64_t chunk, int64_t overlap,
+                             double scale, double meta_scale, double state_scale) {
+  static auto h = op<T2(const T&, const T&, const T&, const T&, const T&, const OptT&, const OptT&,
                         int64_t, int64_t, double, double, double)>("bsbr::_bsbr_attention_fwd");
   return h.call(q, k, v, mq, mk, qs, ks, chunk, overlap, scale, meta_scale, state_scale);
 }
 
 inline T7 bsbr_attention_bwd(const T& g, const T& q, const T& k, const T& v, const T& mq,
-                             const T& mk, const T& qs, const T& ks, const T& out, const T& lse,
+                             const T& mk, const OptT& qs, const OptT& ks, const T& out, const T& lse,
                              int64_t chunk, int64_t overlap, double scale, double meta_scale,
                              double state_scale) {
-  static auto h = op<T7(const T&, const T&, const T&, const T&, const T&, const T&, const T&,
-                        const T&, const T&, const T&, int64_t, int64_t, double, double, double)>(
+  static auto h = op<T7(const T&, const T&, const T&, const T&, const T&, const T&, const OptT&,
+                        const OptT&, const T&, const T&, int64_t, int64_t, double, double, double)>(
       "bsbr::_bsbr_attention_bwd");
   return h.call(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, overlap, scale, meta_scale, state_scale);
 }

@@ -50,13 +50,16 @@ TORCH_LIBRARY(bsbr, m) {
 
   // Fused forward: returns the output and the lse of the local softmax. Saves nothing else, so
   // the backward recomputes chunk states and retrieval (cheap: O(n ds d) and O(C^2 ds d)).
+  // q_state / k_state None means q / k. The backward then folds the state path's gradient into
+  // grad_q / grad_k (no separate token-sized buffer) and returns grad_q_state / grad_k_state
+  // empty (shape [0]).
   m.def(
       "_bsbr_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor meta_q, Tensor meta_k, "
-      "Tensor q_state, Tensor k_state, int chunk_size, int chunk_overlap, float scale, "
+      "Tensor? q_state, Tensor? k_state, int chunk_size, int chunk_overlap, float scale, "
       "float meta_scale, float state_scale) -> (Tensor out, Tensor lse)");
   m.def(
       "_bsbr_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor meta_q, "
-      "Tensor meta_k, Tensor q_state, Tensor k_state, Tensor out, Tensor lse, int chunk_size, "
+      "Tensor meta_k, Tensor? q_state, Tensor? k_state, Tensor out, Tensor lse, int chunk_size, "
       "int chunk_overlap, float scale, float meta_scale, float state_scale) -> (Tensor grad_q, "
       "Tensor grad_k, Tensor grad_v, Tensor grad_meta_q, Tensor grad_meta_k, "
       "Tensor grad_q_state, Tensor grad_k_state)");

@@ -19,10 +19,12 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 using OptDouble = std::optional<double>;
 
-// The public ops' inputs after validation, with defaults filled in: q_state/k_state fall back to
-// q/k (passed twice to autograd, which then sums both gradients into q and k).
+// The public ops' inputs after validation, with default scales filled in. q_state/k_state stay
+// None when omitted: the internal ops then use q/k and fold the state path's gradient into
+// grad_q/grad_k themselves (one token-sized gradient each instead of two that autograd would add).
 struct Attention {
-  at::Tensor q, k, v, meta_q, meta_k, q_state, k_state;
+  at::Tensor q, k, v, meta_q, meta_k;
+  OptTensor q_state, k_state;
   Scales scales;
 };
 
@@ -37,10 +39,12 @@ Attention prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::
   check_inputs({q, k, v, meta_q, meta_k, q_state.value_or(at::Tensor()), k_state.value_or(at::Tensor()),
                 at::Tensor()},
                chunk_size, chunk_overlap);
-  const at::Tensor qs = q_state.value_or(q), ks = k_state.value_or(k);
-  return {q, k, v, meta_q, meta_k, qs, ks,
-          resolve_scales(q, meta_q, qs, chunk_size, scale, meta_scale, state_scale)};
+  return {q, k, v, meta_q, meta_k, q_state, k_state,
+          resolve_scales(q, meta_q, q_state.value_or(q), chunk_size, scale, meta_scale, state_scale)};
 }
+
+// A saved tensor that was an omitted state (undefined) back to None.
+OptTensor given(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // ---- bsbr_attention -----------------------------------------------------------------------
 
@@ -48,12 +52,14 @@ class BsbrAttentionFunction : public torch::autograd::Function<BsbrAttentionFunc
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& meta_q, const at::Tensor& meta_k,
-                            const at::Tensor& q_state, const at::Tensor& k_state, int64_t chunk_size,
+                            const OptTensor& q_state, const OptTensor& k_state, int64_t chunk_size,
                             int64_t chunk_overlap, double scale, double meta_scale, double state_scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = internal::bsbr_attention_fwd(q, k, v, meta_q, meta_k, q_state, k_state, chunk_size,
                                                    chunk_overlap, scale, meta_scale, state_scale);
-    ctx->save_for_backward({q, k, v, meta_q, meta_k, q_state, k_state, out, lse});
+    // An omitted state is saved as an undefined tensor.
+    ctx->save_for_backward({q, k, v, meta_q, meta_k, q_state.value_or(at::Tensor()),
+                            k_state.value_or(at::Tensor()), out, lse});
     ctx->saved_data["chunk_size"] = chunk_size;
     ctx->saved_data["chunk_overlap"] = chunk_overlap;
     ctx->saved_data["scale"] = scale;
@@ -65,10 +71,13 @@ class BsbrAttentionFunction : public torch::autograd::Function<BsbrAttentionFunc
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     auto [dq, dk, dv, dmq, dmk, dqs, dks] = internal::bsbr_attention_bwd(
-        grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8],
+        grads[0], s[0], s[1], s[2], s[3], s[4], given(s[5]), given(s[6]), s[7], s[8],
         ctx->saved_data["chunk_size"].toInt(), ctx->saved_data["chunk_overlap"].toInt(),
         ctx->saved_data["scale"].toDouble(), ctx->saved_data["meta_scale"].toDouble(),
         ctx->saved_data["state_scale"].toDouble());
+    // An omitted state has no gradient of its own (dqs / dks are then empty: folded into dq / dk).
+    if (!s[5].defined()) dqs = at::Tensor();
+    if (!s[6].defined()) dks = at::Tensor();
     return {dq, dk, dv, dmq, dmk, dqs, dks, {}, {}, {}, {}, {}};
   }
 };

@@ -395,8 +395,8 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         const int col = dt * 8 + (lane % 4) * 2;
-        *reinterpret_cast<uint32_t*>(ob + (int64_t)row * D + col) =
-            pack2<T>(dq[dt][2 * i] * p.scale, dq[dt][2 * i + 1] * p.scale);
+        store_pair<T>(ob, p.dq_accumulate ? ob : nullptr, (int64_t)row * D + col,
+                      dq[dt][2 * i] * p.scale, dq[dt][2 * i + 1] * p.scale);
       }
     }
   }
@@ -639,7 +639,7 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
 // ---------------------------------------------------------------------------------------------
 // Per-token products with the fp32 matrix M_c [ds, D] of the token's chunk, on tensor cores:
 //   kPrep = false (chunk-states backward, M = dF):
-//       dx[t] = y[t] M_c^T -> p.dqs [n, ds],   dy[t] = x[t] M_c (+ p.dv_add) -> p.dv [n, D]
+//       dx[t] = y[t] M_c^T (+ p.dqs_add) -> p.dqs [n, ds],   dy[t] = x[t] M_c (+ p.dv_add) -> p.dv [n, D]
 //       with x = p.qs (k_state), y = p.v
 //   kPrep = true (attention-backward preprocess, M = S):
 //       dqs[t] = state_scale * dO[t] S_c^T -> p.dqs,  delta[t] = dO[t].out[t] - qs[t].dqs[t]
@@ -725,6 +725,8 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
     }
   }
   T* dx = static_cast<T*>(p.dqs) + (int64_t)bh * n * ds;
+  const T* dx_add = (kPrep || p.dqs_add == nullptr)
+                        ? nullptr : static_cast<const T*>(p.dqs_add) + (int64_t)bh * n * ds;
   float part[2] = {0.f, 0.f};  // kPrep: this thread's share of delta for rows ra, rb
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -733,8 +735,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
     for (int nt = 0; nt < DT; ++nt) {
       const int col = nt * 8 + (lane % 4) * 2;
       if (row < t1 && col < ds) {
-        *reinterpret_cast<uint32_t*>(dx + (int64_t)row * ds + col) =
-            pack2<T>(ax[nt][2 * i], ax[nt][2 * i + 1]);
+        store_pair<T>(dx, dx_add, (int64_t)row * ds + col, ax[nt][2 * i], ax[nt][2 * i + 1]);
         if (kPrep) {
           const int rl = row - t0;
           part[i] -= to_f(sX[rl * SD + col]) * ax[nt][2 * i] +
@@ -786,7 +787,8 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
       }
     }
     T* dy = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
-    const T* dy_add = static_cast<const T*>(p.dv_add);
+    const T* dy_add =
+        p.dv_add == nullptr ? nullptr : static_cast<const T*>(p.dv_add) + (int64_t)bh * n * D;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = i == 0 ? ra : rb;
@@ -794,14 +796,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
           const int col = dt * 8 + (lane % 4) * 2;
-          const int64_t off = (int64_t)row * D + col;
-          float v0 = ay[dt][2 * i], v1 = ay[dt][2 * i + 1];
-          if (dy_add != nullptr) {
-            const T* ad = dy_add + (int64_t)bh * n * D + off;
-            v0 += to_f(ad[0]);
-            v1 += to_f(ad[1]);
-          }
-          *reinterpret_cast<uint32_t*>(dy + off) = pack2<T>(v0, v1);
+          store_pair<T>(dy, dy_add, (int64_t)row * D + col, ay[dt][2 * i], ay[dt][2 * i + 1]);
         }
       }
     }

@@ -169,7 +169,10 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
   if (!row_ok) return;
   T* o = static_cast<T*>(p.dq) + ((int64_t)bh * p.n + t) * D;
 #pragma unroll
-  for (int e = 0; e < DP; ++e) o[g + kG * e] = from_f<T>(dq[e] * p.scale);
+  for (int e = 0; e < DP; ++e) {
+    const float add = p.dq_accumulate ? to_f(o[g + kG * e]) : 0.f;
+    o[g + kG * e] = from_f<T>(dq[e] * p.scale + add);
+  }
 }
 
 // Last query (exclusive) that can see a key of chunk c: the end of chunk c, or of chunk c+1 when

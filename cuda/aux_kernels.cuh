@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
   }
 }
 
-// Backward of the chunk states: dx[t] = y[t] dF_c^T (-> p.dqs, [n, ds]) and
-// dy[t] = x[t] dF_c (-> p.dv, [n, D], plus p.dv_add when given). dF (p.S) is staged in shared
+// Backward of the chunk states: dx[t] = y[t] dF_c^T (-> p.dqs, [n, ds], plus p.dqs_add when
+// given) and dy[t] = x[t] dF_c (-> p.dv, [n, D], plus p.dv_add when given). dF (p.S) is staged in shared
 // memory with rows padded by one word so that threads walking different rows hit different banks.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) states_bwd_kernel(AttnParams p) {
@@ -87,6 +87,7 @@ __global__ void __launch_bounds__(kThreads) states_bwd_kernel(AttnParams p) {
   T* dx = static_cast<T*>(p.dqs);
   T* dy = static_cast<T*>(p.dv);
   const T* dy_add = static_cast<const T*>(p.dv_add);
+  const T* dx_add = static_cast<const T*>(p.dqs_add);
   for (int s0 = t0; s0 < t1; s0 += kTok) {
     __syncthreads();
     for (int idx = threadIdx.x; idx < kTok * D; idx += kThreads) {
@@ -110,6 +111,7 @@ __global__ void __launch_bounds__(kThreads) states_bwd_kernel(AttnParams p) {
         float acc = 0.f;
 #pragma unroll 8
         for (int i = 0; i < D; ++i) acc += sY[tok * D + i] * sF[kk * SP + i];
+        if (dx_add != nullptr) acc += to_f(dx_add[row * ds + kk]);
         dx[row * ds + kk] = from_f<T>(acc);
       }
     }

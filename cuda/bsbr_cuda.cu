@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -150,6 +151,17 @@ void check_sizes(int64_t b, int64_t h, int64_t n, int64_t chunk) {
   (void)chunk;
 }
 
+// The fused backward runs its state pipeline (chunk states, retrieval and their gradients) on
+// groups of heads whose fp32 state buffer stays under a budget of 16 MiB, writing into views of
+// the full gradients: the peak then holds two group-sized state buffers (F and R, later dF and
+// dR) instead of two full-size ones. Small problems are one group. The split-K partial sums of
+// dP stay under half of the budget. BSBR_GROUP_STATE_BYTES overrides it (tests use it to run
+// many groups at small sizes).
+int64_t group_state_bytes() {
+  const char* e = std::getenv("BSBR_GROUP_STATE_BYTES");
+  return e != nullptr ? std::max<int64_t>(1, std::atoll(e)) : int64_t{16} << 20;
+}
+
 // ------------------------------------------------------------------ chunk states
 
 // Params of the per-chunk state kernels over x [b, h, n, ds] (k_state, or q_state for dS) and
@@ -202,13 +214,16 @@ Tensor chunk_states_fwd(const Tensor& k_state, const Tensor& v, int64_t chunk_si
   return states_impl(k_state, v, chunk_size, 1.0);
 }
 
-// grad_v (in place into dv_add when given, fp32 sum before the one rounding).
-std::tuple<Tensor, Tensor> states_bwd_impl(const Tensor& gF, const Tensor& x, const Tensor& y,
-                                           int64_t chunk, const Tensor& dv_add) {
-  const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
-  Tensor gx = at::empty({b, h, n, ds}, x.options());
-  Tensor gy = dv_add.defined() ? dv_add : at::empty({b, h, n, d}, y.options());
-  if (gx.numel() == 0 || gy.numel() == 0) return {gx.zero_(), gy};
+// grad_x = y gF^T into gx [b, h, n, ds] and grad_y = x gF into gy [b, h, n, d], both contiguous;
+// add_x / add_y add to what they hold (fp32 sum before the one rounding).
+void states_bwd_into(const Tensor& gF, const Tensor& x, const Tensor& y, int64_t chunk,
+                     const Tensor& gx, bool add_x, const Tensor& gy, bool add_y) {
+  const int64_t d = y.size(3);
+  if (gx.numel() == 0 || gy.numel() == 0) {
+    if (!add_x) gx.zero_();
+    if (!add_y) gy.zero_();
+    return;
+  }
   Tensor F = gF.contiguous();
   if (reinterpret_cast<uintptr_t>(F.data_ptr()) % 16 != 0) F = F.clone();  // float4 loads
   Tensor xx, yy;
@@ -216,12 +231,12 @@ std::tuple<Tensor, Tensor> states_bwd_impl(const Tensor& gF, const Tensor& x, co
   p.S = F.data_ptr<float>();
   p.dqs = gx.data_ptr();
   p.dv = gy.data_ptr();
-  p.dv_add = dv_add.defined() ? dv_add.data_ptr() : nullptr;
+  p.dqs_add = add_x ? gx.data_ptr() : nullptr;
+  p.dv_add = add_y ? gy.data_ptr() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
     run_states_bwd<decltype(t), decltype(dim)::value>(p, stream);
   });
-  return {gx, gy};
 }
 
 std::tuple<Tensor, Tensor> chunk_states_bwd(const Tensor& grad_states, const Tensor& k_state,
@@ -229,7 +244,9 @@ std::tuple<Tensor, Tensor> chunk_states_bwd(const Tensor& grad_states, const Ten
   check_state_inputs(k_state, v, chunk_size);
   check_fp32(grad_states, "grad_states", v);
   c10::cuda::CUDAGuard guard(v.device());
-  return states_bwd_impl(grad_states, k_state, v, chunk_size, Tensor());
+  Tensor gx = at::empty(k_state.sizes(), k_state.options()), gy = at::empty(v.sizes(), v.options());
+  states_bwd_into(grad_states, k_state, v, chunk_size, gx, false, gy, false);
+  return {gx, gy};
 }
 
 // ------------------------------------------------------------------ block retrieval
@@ -257,16 +274,19 @@ __global__ void masked_softmax_fwd_kernel(const float* x, float* y, int64_t rows
   for (int j = lane; j < ldy; j += 32) o[j] = j < c ? exp2f(r[j] * scale_log2 - mx) * inv : 0.f;
 }
 
-// da = out_scale * P * (dP - rowsum(P * dP)), written into dP (split 0). dP may arrive as `splits` partial
-// sums (split-K of the tensor-core product), `split_stride` apart, added here in a fixed order
-// (deterministic). P and dP rows have leading dim ld. Masked entries have P = 0 and get 0.
-__global__ void masked_softmax_bwd_kernel(const float* P, float* dP, int64_t rows, int C, int ld,
-                                          int splits, int64_t split_stride, float out_scale) {
+// da = out_scale * P * (dP - rowsum(P * dP)), written into da (which may be P or dP: each lane
+// reads an element before it writes it). dP may arrive as `splits` partial sums (split-K of the
+// tensor-core product), `split_stride` apart, added here in a fixed order (deterministic). P, dP
+// and da rows have leading dim ld. Masked entries have P = 0 and get 0.
+__global__ void masked_softmax_bwd_kernel(const float* P, const float* dP, float* da, int64_t rows,
+                                          int C, int ld, int splits, int64_t split_stride,
+                                          float out_scale) {
   const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const float* pr = P + row * ld;
-  float* dr = dP + row * ld;
+  const float* dr = dP + row * ld;
+  float* out = da + row * ld;
   auto dp = [&](int j) {
     float v = dr[j];
     for (int s = 1; s < splits; ++s) v += dr[s * split_stride + j];
@@ -276,7 +296,7 @@ __global__ void masked_softmax_bwd_kernel(const float* P, float* dP, int64_t row
   for (int j = lane; j < C; j += 32) sum += pr[j] * dp(j);
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  for (int j = lane; j < C; j += 32) dr[j] = pr[j] * (dp(j) - sum) * out_scale;
+  for (int j = lane; j < C; j += 32) out[j] = pr[j] * (dp(j) - sum) * out_scale;
 }
 
 // The C x C mixing products of the retrieval run through cuBLAS SGEMM in true fp32 (TF32 only if
@@ -390,6 +410,7 @@ std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrie
   const int64_t rows = b * h * C;
   masked_softmax_bwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
                               at::cuda::getCurrentCUDAStream()>>>(P.data_ptr<float>(),
+                                                                  da.data_ptr<float>(),
                                                                   da.data_ptr<float>(), rows,
                                                                   static_cast<int>(C),
                                                                   static_cast<int>(C), 1, 0, 1.f);
@@ -402,7 +423,7 @@ std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrie
 
 // ------------------------------------------------------------------ retrieval on tensor cores
 // The fused op with fp16/bf16 inputs runs the three C x C mixing products as split-precision
-// (3xTF32) tensor-core kernels (retrieval_mma.cuh): ~2^-21 relative error, invisible in its
+// (bf16x3) tensor-core kernels (retrieval_mma.cuh): ~2^-17 relative error, invisible in its
 // fp16/bf16 outputs. fp32 inputs and the standalone retrieval ops (whose fp32 outputs are
 // compared at fp32 accuracy) keep the true-fp32 cuBLAS products above. BSBR_MIX_FP32=1 forces
 // the cuBLAS path everywhere (cross-checking).
@@ -484,10 +505,12 @@ void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
   mp.O = out.data_ptr<float>(), mp.o_bh = C * X, mp.ldo = static_cast<int>(X);
   mp.N = static_cast<int>(X), mp.K = static_cast<int>(C);
   auto stream = at::cuda::getCurrentCUDAStream();
+  // 128 x 64 tiles, warps of 64 x 32: each split fragment feeds more MMAs than with 64 x 64
+  // (the split, not the tensor core, limited the 64 x 64 kernel: ncu on an H100).
   if (mode == 0) {
-    mix::launch_mix<0, 64, 64, 2, 2>(mp, stream);
+    mix::launch_mix<0, 128, 64, 2, 2>(mp, stream);
   } else {
-    mix::launch_mix<1, 64, 64, 2, 2>(mp, stream);
+    mix::launch_mix<1, 128, 64, 2, 2>(mp, stream);
   }
 }
 
@@ -501,8 +524,10 @@ std::pair<Tensor, int> mix_scores(const Tensor& dS, const Tensor& F, int64_t C) 
   const int64_t active = bh * tm * (tm + 1) / 2;  // tiles with some j < c
   // ~2 waves of 3 CTAs per SM
   const int64_t target = 6 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t split_bytes = bh * C * Cp * int64_t{sizeof(float)};
   int64_t splits = std::min<int64_t>(std::max<int64_t>(X / 256, 1),
                                      std::max<int64_t>(1, (target + active - 1) / active));
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, group_state_bytes() / 2 / split_bytes));
   int64_t k_split = (X + splits - 1) / splits;
   k_split = (k_split + mix::kBK - 1) / mix::kBK * mix::kBK;
   splits = (X + k_split - 1) / k_split;
@@ -579,19 +604,22 @@ std::tuple<Tensor, Tensor> chunk_attention_fwd(const Tensor& q, const Tensor& k,
   return attn_fwd_impl(q, k, v, q_state, retrieved, chunk_size, chunk_overlap, scale, state_scale);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd_impl(
-    const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& qs_,
-    const Tensor& retrieved, const Tensor& out_, const Tensor& lse_, int64_t chunk,
-    int64_t overlap, double scale, double state_scale, bool dR_into_S = false) {
+// Token-sized gradients of the attention backward, preallocated by the caller: contiguous
+// [b, h, n, d] (dqs: [b, h, n, ds]). With dqs_into_dq (q_state is q) dqs is not used: the
+// preprocess writes q_state's gradient into dq and the dQ kernel adds to it.
+struct TokenGrads {
+  Tensor dq, dk, dv, dqs;
+  bool dqs_into_dq = false;
+};
+
+// Writes the gradients into g and returns dR, the gradient of the retrieved states.
+Tensor attn_bwd_into(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                     const Tensor& qs_, const Tensor& retrieved, const Tensor& out_,
+                     const Tensor& lse_, int64_t chunk, int64_t overlap, double scale,
+                     double state_scale, const TokenGrads& g, bool dR_into_S = false) {
   const int64_t b = q_.size(0), h = q_.size(1), n = q_.size(2), d = q_.size(3);
   const int64_t ds = qs_.size(3), C = (n + chunk - 1) / chunk;
-  Tensor dq = at::empty({b, h, n, d}, q_.options());
-  Tensor dk = at::empty({b, h, n, d}, q_.options());
-  Tensor dv = at::empty({b, h, n, d}, q_.options());
-  Tensor dqs = at::empty({b, h, n, ds}, q_.options());
-  if (dq.numel() == 0) {
-    return {dq, dk, dv, dqs, at::zeros({b, h, C, ds, d}, q_.options().dtype(at::kFloat))};
-  }
+  if (g.dq.numel() == 0) return at::zeros({b, h, C, ds, d}, q_.options().dtype(at::kFloat));
   const bool simt = force_simt() || q_.scalar_type() == at::kFloat;
   Tensor q = prep_token(q_, !simt), k = prep_token(k_, !simt), v = prep_token(v_, !simt);
   Tensor dout = prep_token(dout_, !simt);
@@ -616,7 +644,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd_impl(
   p.S = S.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr(), p.dqs = dqs.data_ptr();
+  p.dq = g.dq.data_ptr(), p.dk = g.dk.data_ptr(), p.dv = g.dv.data_ptr();
+  p.dqs = g.dqs_into_dq ? g.dq.data_ptr() : g.dqs.data_ptr();
+  p.dq_accumulate = g.dqs_into_dq;
   p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.overlap = overlap, p.num_chunks = C;
   p.scale = static_cast<float>(scale), p.state_scale = static_cast<float>(state_scale);
   p.simt = simt;
@@ -629,7 +659,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd_impl(
   dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
     run_attn_bwd<decltype(t), decltype(dim)::value>(p, stream);
   });
-  return {dq, dk, dv, dqs, dR};
+  return dR;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_attention_bwd(
@@ -642,18 +672,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_attention_bwd(
   check_fp32(retrieved, "retrieved", q);
   check_fp32(lse, "lse", q);
   c10::cuda::CUDAGuard guard(q.device());
-  return attn_bwd_impl(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size, chunk_overlap,
-                       scale, state_scale);
+  TokenGrads g{at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()),
+               at::empty(q.sizes(), q.options()), at::empty(q_state.sizes(), q.options())};
+  Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size,
+                            chunk_overlap, scale, state_scale, g);
+  return {g.dq, g.dk, g.dv, g.dqs, dR};
 }
 
 // ------------------------------------------------------------------ fused op
 
 std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const Tensor& meta_q, const Tensor& meta_k,
-                                              const Tensor& q_state, const Tensor& k_state,
+                                              const std::optional<Tensor>& q_state_,
+                                              const std::optional<Tensor>& k_state_,
                                               int64_t chunk_size, int64_t chunk_overlap,
                                               double scale, double meta_scale,
                                               double state_scale) {
+  const Tensor& q_state = q_state_.has_value() ? *q_state_ : q;
+  const Tensor& k_state = k_state_.has_value() ? *k_state_ : k;
   check_attn(q, k, v, q_state, chunk_size, chunk_overlap);
   check_token(k_state, "k_state", q);
   TORCH_CHECK_VALUE(k_state.size(3) == q_state.size(3), message("bsbr CUDA kernels: k_state and q_state "
@@ -675,59 +711,115 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
   return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);
 }
 
+// Heads [h0, h0 + nh) of batch elements [b0, b0 + nb): whole batch elements while they fit,
+// else head ranges of one element, so that narrowing a contiguous [b, h, ...] tensor to a group
+// stays contiguous (the kernels' outputs must be).
+struct HeadGroup {
+  int64_t b0, nb, h0, nh;
+};
+
+std::vector<HeadGroup> head_groups(int64_t b, int64_t h, int64_t state_bytes_per_head) {
+  const int64_t per = std::max<int64_t>(1, group_state_bytes() / std::max<int64_t>(1, state_bytes_per_head));
+  std::vector<HeadGroup> groups;
+  if (per >= h) {
+    const int64_t nb = per / h;
+    for (int64_t b0 = 0; b0 < b; b0 += nb) groups.push_back({b0, std::min(nb, b - b0), 0, h});
+  } else {
+    for (int64_t b0 = 0; b0 < b; ++b0) {
+      for (int64_t h0 = 0; h0 < h; h0 += per) groups.push_back({b0, 1, h0, std::min(per, h - h0)});
+    }
+  }
+  return groups;
+}
+
+// One group of the fused backward: its inputs and outputs are views of the full tensors. P is
+// the group's rows of the retrieval weights for the tensor-core path (overwritten here by
+// da = d(logits), from which the caller takes dmq and dmk for all groups at once), undefined for
+// the cuBLAS path (which writes dmq and dmk). dks is written unless fold_k (k_state is k: its
+// gradient is added into dk).
+void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& meta_q, const Tensor& meta_k, const Tensor& q_state,
+                     const Tensor& k_state, const Tensor& out, const Tensor& lse, const Tensor& P,
+                     int64_t chunk_size, int64_t chunk_overlap, double scale, double meta_scale,
+                     double state_scale, const TokenGrads& g, const Tensor& dmq, const Tensor& dmk,
+                     const Tensor& dks, bool fold_k) {
+  // Recompute the chunk states and the retrieval (cheap next to the attention).
+  Tensor F = states_impl(k_state, v, chunk_size, 1.0);
+  if (P.defined()) {
+    // Two fp32 state buffers in all: F (later overwritten by dF) and R (later by dR).
+    const int64_t C = P.size(1);
+    Tensor R = at::empty_like(F, at::MemoryFormat::Contiguous);
+    mix_states(0, P, F, R);
+    Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap,
+                              scale, state_scale, g, /*dR_into_S=*/true);
+    R = Tensor();
+    auto [dP, splits] = mix_scores(dR, F, C);  // dP = dS F^T (j < c)
+    mix_states(1, P, dR, F);                    // dF = P^T dS, into F's buffer (dead after dP)
+    dR = Tensor();
+    // da = meta_scale * P * (dP - rowsum(P * dP)) into P (its last use).
+    const int64_t Cp = dP.size(3), rows = P.size(0) * C;
+    masked_softmax_bwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
+                                at::cuda::getCurrentCUDAStream()>>>(
+        P.data_ptr<float>(), dP.data_ptr<float>(), P.data_ptr<float>(), rows, static_cast<int>(C),
+        static_cast<int>(Cp), splits, rows * Cp, static_cast<float>(meta_scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    Tensor R = block_retrieval_fwd(meta_q, meta_k, F, meta_scale);
+    Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap,
+                              scale, state_scale, g);
+    R = Tensor();
+    auto [gmq, gmk, dF] = block_retrieval_bwd(dR, meta_q, meta_k, F, meta_scale);
+    dmq.copy_(gmq);
+    dmk.copy_(gmk);
+    F = dF;
+  }
+  // dv += k_state dF (fp32 sum, one rounding); dks = v dF^T, or dk += v dF^T.
+  states_bwd_into(F, k_state, v, chunk_size, fold_k ? g.dk : dks, fold_k, g.dv, true);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attention_bwd(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-    const Tensor& meta_q, const Tensor& meta_k, const Tensor& q_state, const Tensor& k_state,
-    const Tensor& out, const Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale,
-    double meta_scale, double state_scale) {
+    const Tensor& meta_q, const Tensor& meta_k, const std::optional<Tensor>& q_state_,
+    const std::optional<Tensor>& k_state_, const Tensor& out, const Tensor& lse, int64_t chunk_size,
+    int64_t chunk_overlap, double scale, double meta_scale, double state_scale) {
+  // An omitted state is q / k, and its gradient is written into dq / dk (no extra buffer).
+  const bool fold_q = !q_state_.has_value(), fold_k = !k_state_.has_value();
+  const Tensor& q_state = fold_q ? q : *q_state_;
+  const Tensor& k_state = fold_k ? k : *k_state_;
   check_attn(q, k, v, q_state, chunk_size, chunk_overlap);
   check_token(k_state, "k_state", q);
   check_token(grad_out, "grad_out", q);
   check_token(out, "out", q);
   check_fp32(lse, "lse", q);
   c10::cuda::CUDAGuard guard(q.device());
-  // Recompute the chunk states and the retrieval (cheap next to the attention).
-  Tensor states = states_impl(k_state, v, chunk_size, 1.0);
-  if (use_tc_mix(q) && states.numel() > 0 && meta_q.numel() > 0) {
-    // Two fp32 state buffers in all: F (later overwritten by dF) and R (later by dR).
-    const int64_t b = states.size(0), h = states.size(1), C = states.size(2);
-    Tensor P = probs_padded(meta_q, meta_k, meta_scale);  // once for forward and backward
-    Tensor R = at::empty_like(states, at::MemoryFormat::Contiguous);
-    mix_states(0, P, states, R);
-    auto [dq, dk, dv, dqs, dR] = attn_bwd_impl(grad_out, q, k, v, q_state, R, out, lse,
-                                               chunk_size, chunk_overlap, scale, state_scale,
-                                               /*dR_into_S=*/true);
-    R = Tensor();
-    auto [dP, splits] = mix_scores(dR, states, C);  // dP = dS F^T (j < c)
-    const int64_t Cp = dP.size(3), rows = b * h * C;
-    masked_softmax_bwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
-                                at::cuda::getCurrentCUDAStream()>>>(
-        P.data_ptr<float>(), dP.data_ptr<float>(), rows, static_cast<int>(C),
-        static_cast<int>(Cp), splits, b * h * C * Cp, static_cast<float>(meta_scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // da (already times meta_scale): dmq = da mk, dmk = da^T mq.
-    Tensor da = dP.select(0, 0).view({b, h, C, Cp}).narrow(3, 0, C);
-    Tensor dmq = at::matmul(da, meta_k.to(at::kFloat)).to(meta_q.scalar_type());
-    Tensor dmk = at::matmul(da.transpose(-1, -2), meta_q.to(at::kFloat)).to(meta_k.scalar_type());
-    da = Tensor();
-    dP = Tensor();
-    mix_states(1, P, dR, states);  // dF = P^T dS, into F's buffer (F is dead after dP)
-    dR = Tensor();
-    P = Tensor();
-    // dv += k_state dF (fp32 sum, one rounding), dks = v dF^T.
-    auto [dks, dv_total] = states_bwd_impl(states, k_state, v, chunk_size, dv);
-    return {dq, dk, dv_total, dmq, dmk, dqs, dks};
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3), ds = q_state.size(3);
+  const int64_t C = (n + chunk_size - 1) / chunk_size;
+  const auto opts = q.options();
+  Tensor dq = at::empty({b, h, n, d}, opts), dk = at::empty({b, h, n, d}, opts);
+  Tensor dv = at::empty({b, h, n, d}, opts);
+  Tensor dqs = fold_q ? at::empty({0}, opts) : at::empty({b, h, n, ds}, opts);
+  Tensor dks = fold_k ? at::empty({0}, opts) : at::empty({b, h, n, ds}, opts);
+  Tensor dmq = at::empty(meta_q.sizes(), meta_q.options());
+  Tensor dmk = at::empty(meta_k.sizes(), meta_k.options());
+  // The retrieval weights, once for all groups (C x C per head: small next to the states);
+  // the groups turn them into the logits' gradient.
+  const bool tc = use_tc_mix(q) && q.numel() > 0 && meta_q.numel() > 0;
+  const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
+  for (const HeadGroup& hg : head_groups(b, h, C * ds * d * int64_t{sizeof(float)})) {
+    auto part = [&](const Tensor& t) { return t.narrow(0, hg.b0, hg.nb).narrow(1, hg.h0, hg.nh); };
+    const TokenGrads g{part(dq), part(dk), part(dv), fold_q ? dqs : part(dqs), fold_q};
+    const Tensor Pg = tc ? P.narrow(0, hg.b0 * h + hg.h0, hg.nb * hg.nh) : Tensor();
+    fused_bwd_group(part(grad_out), part(q), part(k), part(v), part(meta_q), part(meta_k),
+                    part(q_state), part(k_state), part(out), part(lse), Pg, chunk_size,
+                    chunk_overlap, scale, meta_scale, state_scale, g, part(dmq), part(dmk),
+                    fold_k ? dks : part(dks), fold_k);
   }
-  Tensor R = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
-  auto [dq, dk, dv, dqs, dR] = attn_bwd_impl(grad_out, q, k, v, q_state, R, out, lse, chunk_size,
-                                             chunk_overlap, scale, state_scale);
-  R = Tensor();
-  auto [dmq, dmk, dF] = block_retrieval_bwd(dR, meta_q, meta_k, states, meta_scale);
-  states = Tensor();
-  dR = Tensor();
-  // dv += k_state dF (fp32 sum, one rounding), dks = v dF^T.
-  auto [dks, dv_total] = states_bwd_impl(dF, k_state, v, chunk_size, dv);
-  return {dq, dk, dv_total, dmq, dmk, dqs, dks};
+  if (tc) {  // P now holds da (times meta_scale): dmq = da mk, dmk = da^T mq.
+    const Tensor da = P.view({b, h, C, P.size(2)}).narrow(3, 0, C);
+    dmq.copy_(at::matmul(da, meta_k.to(at::kFloat)));
+    dmk.copy_(at::matmul(da.transpose(-1, -2), meta_q.to(at::kFloat)));
+  }
+  return {dq, dk, dv, dmq, dmk, dqs, dks};
 }
 
 }  // namespace

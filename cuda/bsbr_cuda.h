@@ -39,6 +39,9 @@ struct AttnParams {
   void* dqs = nullptr;
   float* states = nullptr;       // [b, h, C, ds, d]
   const void* dv_add = nullptr;  // optional, contiguous [b, h, n, d]: added to dv (fused bwd)
+  // Fused backward with q_state / k_state omitted (= q / k): their gradients land in dq / dk.
+  const void* dqs_add = nullptr;  // states backward: contiguous [b, h, n, ds] added to dqs
+  bool dq_accumulate = false;     // attention dQ: add to what dq holds (the preprocess's dqs)
 
   int b = 0, h = 0, n = 0, ds = 0, chunk = 0, overlap = 0, num_chunks = 0;
   float scale = 1.f, state_scale = 1.f;

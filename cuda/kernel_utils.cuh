@@ -41,6 +41,17 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, fl
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// Stores the pair (v0, v1) at dst[off], dst[off + 1], first adding add[off], add[off + 1] when add
+// is given (fp32 sum, one rounding; add may be dst: each thread reads what it then writes).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, const T* add, int64_t off, float v0, float v1) {
+  if (add != nullptr) {
+    v0 += to_f(add[off]);
+    v1 += to_f(add[off + 1]);
+  }
+  *reinterpret_cast<uint32_t*>(dst + off) = pack2<T>(v0, v1);
+}
+
 // D += A(16x16, row) * B(16x8, col), fp32 accumulators.
 template <typename T>
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);

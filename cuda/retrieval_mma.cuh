@@ -1,18 +1,18 @@
-// Retrieval mixing products on tensor cores in split precision (3xTF32), for the fused op with
+// Retrieval mixing products on tensor cores in split precision (bf16x3), for the fused op with
 // fp16/bf16 inputs. The C x C retrieval weights P mix the fp32 chunk states F ([C, X] per head,
 // X = ds * d):
 //   mode 0:  S  = P F       S[c]  = sum_{j<c} P[c,j] F[j]       (k range [0, m0 + BM))
 //   mode 1:  dF = P^T dS    dF[j] = sum_{c>j} P[c,j] dS[c]      (k range [m0, C))
 //   mode 2:  dP = dS F^T    dP[c,j] = <dS[c], F[j]> for j < c, 0 elsewhere (optionally split-K
 //            into partial sums, added in a fixed order by the softmax backward: deterministic)
-// Each fp32 operand x is split into big = tf32(x) and small = tf32(x - big) (truncations); the
-// product uses big*big + big*small + small*big with fp32 accumulation (relative error ~2^-19,
-// far below the bf16/fp16 rounding of the op's outputs, with fp32's exponent range: no overflow,
-// no scaling).
-// Tiles: BM x BN per CTA (64 x 64, 4 warps of 32 x 32: ~150 registers, 3 CTAs per SM), BK = 32,
-// warps WM x WN, 2-stage cp.async pipeline, smem rows padded so
-// every fragment read is conflict-free. P (and dP) are stored with a padded leading dim Cp
-// (multiple of 4) whose padding columns hold zeros, so 16-byte loads never straddle the bound.
+// Each fp32 operand x is split into hi = bf16(x) and lo = bf16(x - hi) (round to nearest); the
+// product uses hi*hi + hi*lo + lo*hi on bf16 m16n8k16 tensor cores with fp32 accumulation:
+// ~2^-17 relative error per product (the dropped lo*lo and lo's rounding), far below the
+// bf16/fp16 rounding of the op's outputs, with fp32's exponent range (no overflow, no scaling).
+// Tiles: BM x BN per CTA (the host uses 128 x 64 for S and dF, 64 x 64 for dP), 4 warps of
+// WM x WN, BK = 32, 2-stage cp.async pipeline; fragments are read straight from the fp32 tiles,
+// whose row pitches make every read conflict-free. P (and dP) are stored with a padded leading dim Cp (multiple of 4) whose padding
+// columns hold zeros, so 16-byte loads never straddle the bound.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -35,19 +35,30 @@ struct MixParams {
   int bh = 0, splits = 1, k_split = 0;  // mode 2: K is cut into `splits` pieces of k_split
 };
 
-// x = big + small + O(2^-20 |x|): big = x truncated to tf32 (10 explicit mantissa bits), small =
-// the exact remainder truncated likewise. Bit masks (full-rate ALU) instead of cvt.rna.tf32.
-__device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
-  big = __float_as_uint(x) & 0xffffe000u;
-  small = __float_as_uint(x - __uint_as_float(big)) & 0xffffe000u;
-}
+// Shared-memory tiles of one pipeline stage. A fragment reads pairs of consecutive k: along a
+// stored row (one 8-byte read per lane: pitch = 8 mod 32 floats keeps a half-warp on distinct
+// banks) or across two stored rows (two 4-byte reads: pitch = 4 mod 32 keeps the warp on distinct
+// banks). Pitches stay multiples of 4 floats for the 16-byte cp.async.
+template <int MODE, int BM, int BN>
+struct MixSmem {
+  static constexpr bool kAmk = MODE != 1;  // A tile stored [m][k]
+  static constexpr bool kBkn = MODE != 2;  // B tile stored [k][n]
+  static constexpr int A_PITCH = kAmk ? kBK + 8 : BM + 4;
+  static constexpr int A_SIZE = kAmk ? BM * A_PITCH : kBK * A_PITCH;
+  static constexpr int B_PITCH = kBkn ? BN + 4 : kBK + 8;
+  static constexpr int B_SIZE = kBkn ? kBK * B_PITCH : BN * B_PITCH;
+  static constexpr size_t kBytes = 2 * (A_SIZE + B_SIZE) * sizeof(float);
+  static_assert(A_PITCH % 32 == (kAmk ? 8 : 4) && B_PITCH % 32 == (kBkn ? 4 : 8),
+                "pitches chosen for conflict-free fragment reads");
+};
 
-__device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, const uint32_t* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+// (x0, x1) = hi + lo + O(2^-17 |x|), each half a bf16 pair in mma operand order (x0 low).
+__device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
 // Copies a ROWS x COLS fp32 tile (global rows r0.., cols c0..) into smem with row pitch PITCH,
@@ -72,14 +83,12 @@ __device__ __forceinline__ void load_tile(float* smem, const float* g, int ld, i
 // MODE 2: A = dS stored [m][k],               B(k, n) = F[n][k] stored [n][k].
 template <int MODE, int BM, int BN, int WM, int WN>
 __global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
+  using Smem = MixSmem<MODE, BM, BN>;
   constexpr int NT = WM * WN * 32;
   constexpr int BK = kBK;
-  constexpr bool kAmk = MODE != 1;  // A tile stored [m][k]
-  constexpr bool kBkn = MODE != 2;  // B tile stored [k][n]
-  constexpr int A_PITCH = kAmk ? BK + 4 : BM + 8;
-  constexpr int A_SIZE = kAmk ? BM * A_PITCH : BK * A_PITCH;
-  constexpr int B_PITCH = kBkn ? BN + 8 : BK + 4;
-  constexpr int B_SIZE = kBkn ? BK * B_PITCH : BN * B_PITCH;
+  constexpr bool kAmk = Smem::kAmk, kBkn = Smem::kBkn;
+  constexpr int A_PITCH = Smem::A_PITCH, A_SIZE = Smem::A_SIZE;
+  constexpr int B_PITCH = Smem::B_PITCH, B_SIZE = Smem::B_SIZE;
   constexpr int WTM = BM / WM, WTN = BN / WN;
   constexpr int MT = WTM / 16, NTL = WTN / 8;
   extern __shared__ float4 smem4[];
@@ -142,6 +151,9 @@ __global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
     }
     cp_async_commit();
   };
+  // Two consecutive-k values: along a stored row (one 8-byte read) or down two stored rows.
+  auto pair_along = [](const float* base) { return *reinterpret_cast<const float2*>(base); };
+  auto pair_down = [](const float* base, int pitch) { return make_float2(base[0], base[pitch]); };
 
   if (kb < ke) load(0, kb);
   for (int kt = kb; kt < ke; ++kt) {
@@ -156,48 +168,39 @@ __global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
     const float* as = smem + st * A_SIZE;
     const float* bs = smem + 2 * A_SIZE + st * B_SIZE;
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 8) {
-      uint32_t ab[MT][4], asm_[MT][4];
+    for (int kk = 0; kk < BK; kk += 16) {
+      // A fragment e: rows r + 8 * (e % 2), k pair kk + 2t + 8 * (e / 2).
+      uint32_t ahi[MT][4], alo[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const int r = wm * WTM + mt * 16 + g;
-        float x[4];
-        if constexpr (kAmk) {
-          x[0] = as[r * A_PITCH + kk + t];
-          x[1] = as[(r + 8) * A_PITCH + kk + t];
-          x[2] = as[r * A_PITCH + kk + t + 4];
-          x[3] = as[(r + 8) * A_PITCH + kk + t + 4];
-        } else {
-          x[0] = as[(kk + t) * A_PITCH + r];
-          x[1] = as[(kk + t) * A_PITCH + r + 8];
-          x[2] = as[(kk + t + 4) * A_PITCH + r];
-          x[3] = as[(kk + t + 4) * A_PITCH + r + 8];
-        }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) split_tf32(x[e], ab[mt][e], asm_[mt][e]);
+        for (int e = 0; e < 4; ++e) {
+          const int r = wm * WTM + mt * 16 + g + 8 * (e % 2), k = kk + 2 * t + 8 * (e / 2);
+          const float2 x = kAmk ? pair_along(as + r * A_PITCH + k)
+                                : pair_down(as + k * A_PITCH + r, A_PITCH);
+          split_bf16x2(x.x, x.y, ahi[mt][e], alo[mt][e]);
+        }
       }
-      uint32_t bb[NTL][2], bsm[NTL][2];
+      // B fragment e: column c, k pair kk + 2t + 8e.
+      uint32_t bhi[NTL][2], blo[NTL][2];
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt) {
         const int c = wn * WTN + nt * 8 + g;
-        float y0, y1;
-        if constexpr (kBkn) {
-          y0 = bs[(kk + t) * B_PITCH + c];
-          y1 = bs[(kk + t + 4) * B_PITCH + c];
-        } else {
-          y0 = bs[c * B_PITCH + kk + t];
-          y1 = bs[c * B_PITCH + kk + t + 4];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int k = kk + 2 * t + 8 * e;
+          const float2 y = kBkn ? pair_down(bs + k * B_PITCH + c, B_PITCH)
+                                : pair_along(bs + c * B_PITCH + k);
+          split_bf16x2(y.x, y.y, bhi[nt][e], blo[nt][e]);
         }
-        split_tf32(y0, bb[nt][0], bsm[nt][0]);
-        split_tf32(y1, bb[nt][1], bsm[nt][1]);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NTL; ++nt) {
-          mma_tf32(acc[mt][nt], asm_[mt], bb[nt]);
-          mma_tf32(acc[mt][nt], ab[mt], bsm[nt]);
-          mma_tf32(acc[mt][nt], ab[mt], bb[nt]);
+          mma16816<__nv_bfloat16>(acc[mt][nt], alo[mt], bhi[nt][0], bhi[nt][1]);
+          mma16816<__nv_bfloat16>(acc[mt][nt], ahi[mt], blo[nt][0], blo[nt][1]);
+          mma16816<__nv_bfloat16>(acc[mt][nt], ahi[mt], bhi[nt][0], bhi[nt][1]);
         }
     }
     __syncthreads();
@@ -224,10 +227,7 @@ __global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
 
 template <int MODE, int BM, int BN, int WM, int WN>
 inline void launch_mix(const MixParams& p, cudaStream_t stream) {
-  constexpr bool kAmk = MODE != 1, kBkn = MODE != 2;
-  constexpr int A_SIZE = kAmk ? BM * (kBK + 4) : kBK * (BM + 8);
-  constexpr int B_SIZE = kBkn ? kBK * (BN + 8) : BN * (kBK + 4);
-  const size_t smem = 2 * (A_SIZE + B_SIZE) * sizeof(float);
+  const size_t smem = MixSmem<MODE, BM, BN>::kBytes;
   auto kernel = mix_kernel<MODE, BM, BN, WM, WN>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -241,8 +241,11 @@ inline void launch_mix(const MixParams& p, cudaStream_t stream) {
 
 // P[bh, c, j] = softmax_{j<c}(meta_scale * <mq[c], mk[j]>) (0 for j >= c and in the padding
 // columns [C, ldp)), straight from the meta tensors in their own dtype (contiguous [bh, C, dm],
-// dm % 8 == 0, 16-byte aligned): one warp per row, mq[c] staged in smem as fp32, each lane dots
-// whole mk rows with 16-byte loads; logits go through the output row (L2) between the passes.
+// dm % 8 == 0, 16-byte aligned): one warp per row c, mq[c] staged in smem as fp32. Eight lanes
+// share one mk row (each loads 16 contiguous bytes: a warp-wide load covers 4 whole 128-byte
+// lines) and add their partial dots with shuffles; each step keeps kUnroll such loads in flight,
+// since the kernel is bound by the latency of these loads. Logits go through the output row (L2)
+// between the passes.
 template <typename T>
 __global__ void meta_probs_kernel(const T* __restrict__ mq, const T* __restrict__ mk,
                                   float* __restrict__ P, int64_t rows, int C, int ldp, int dm,
@@ -257,25 +260,52 @@ __global__ void meta_probs_kernel(const T* __restrict__ mq, const T* __restrict_
   const T* q = mq + row * dm;
   for (int e = lane; e < dm; e += 32) qrow[e] = to_f<T>(q[e]);
   __syncwarp();
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
+  constexpr int kGroup = 8;             // lanes per mk row
+  constexpr int kRowsPerLoad = 32 / kGroup;
+  constexpr int kUnroll = 8;  // mk rows per lane group and step
+  const int sub = lane % kGroup, slot = lane / kGroup;
   float* o = P + row * ldp;
   const T* kbase = mk + bh * C * dm;
   float mx = -INFINITY;
-  for (int j = lane; j < c; j += 32) {
-    const T* kr = kbase + (int64_t)j * dm;
-    float acc = 0.f;
-    for (int e = 0; e < dm; e += kVec) {
-      const float4 raw = *reinterpret_cast<const float4*>(kr + e);
-      const T* kv = reinterpret_cast<const T*>(&raw);
+  for (int j0 = 0; j0 < c; j0 += kRowsPerLoad * kUnroll) {
+    float acc[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kVec; ++u) acc += qrow[e + u] * to_f<T>(kv[u]);
+    for (int r = 0; r < kUnroll; ++r) acc[r] = 0.f;
+    for (int e = sub * kVec; e < dm; e += kGroup * kVec) {
+      float4 raw[kUnroll];
+#pragma unroll
+      for (int r = 0; r < kUnroll; ++r) {
+        const int j = j0 + r * kRowsPerLoad + slot;
+        raw[r] = j < c ? *reinterpret_cast<const float4*>(kbase + (int64_t)j * dm + e)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kVec; u += 4) {
+        const float4 qq = *reinterpret_cast<const float4*>(qrow + e + u);
+#pragma unroll
+        for (int r = 0; r < kUnroll; ++r) {
+          const T* kv = reinterpret_cast<const T*>(&raw[r]);
+          acc[r] += qq.x * to_f<T>(kv[u]) + qq.y * to_f<T>(kv[u + 1]) +
+                    qq.z * to_f<T>(kv[u + 2]) + qq.w * to_f<T>(kv[u + 3]);
+        }
+      }
     }
-    const float a = acc * scale_log2;
-    o[j] = a;
-    mx = fmaxf(mx, a);
+#pragma unroll
+    for (int r = 0; r < kUnroll; ++r) {
+#pragma unroll
+      for (int off = kGroup / 2; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+      const int j = j0 + r * kRowsPerLoad + slot;
+      if (j < c) {
+        const float a = acc[r] * scale_log2;
+        if (sub == 0) o[j] = a;
+        mx = fmaxf(mx, a);
+      }
+    }
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  __syncwarp();  // the passes below read logits that other lanes wrote
   float sum = 0.f;
   for (int j = lane; j < c; j += 32) sum += exp2f(o[j] - mx);
 #pragma unroll

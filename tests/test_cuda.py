@@ -227,14 +227,21 @@ FUSED_GRADS = ["grad_q", "grad_k", "grad_v", "grad_meta_q", "grad_meta_k", "grad
 def check_fused(ins, dtype, gen, chunk, w, scale, ms, ss, grad_ins=None):
     """The fused op's forward and backward on ``ins = [q, k, v, mq, mk, qs, ks]`` against the
     fp64 truth (SPEC §4 tolerance); gradients are taken w.r.t. ``grad_ins`` (default ``ins``).
-    Returns ``(out, lse, grad_out, grads)``."""
+    ``qs, ks = None, None`` (omitted states) expects grad_q / grad_k to include the state path
+    and empty grad_q_state / grad_k_state. Returns ``(out, lse, grad_out, grads)``."""
     out, lse = ops._bsbr_attention_fwd(*ins, chunk, w, scale, ms, ss)
     f = lambda *a: fused_ref(*a, chunk, w, scale, ms, ss)  # noqa: E731
-    check("out", out, f(*[x.double() for x in ins]), f(*ins))
+    double = lambda xs: [None if x is None else x.double() for x in xs]  # noqa: E731
+    check("out", out, f(*double(ins)), f(*ins))
     g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
     got = ops._bsbr_attention_bwd(g, *ins, out, lse, chunk, w, scale, ms, ss)
     grad_ins = ins if grad_ins is None else grad_ins
-    _, tg = grads(f, [x.double() for x in grad_ins], g.double())
+    omitted = grad_ins[5] is None
+    if omitted:
+        grad_ins = grad_ins[:5]
+        f = lambda *a: fused_ref(*a, None, None, chunk, w, scale, ms, ss)  # noqa: E731
+        assert got[5].shape == (0,) and got[6].shape == (0,), "omitted states get empty gradients"
+    _, tg = grads(f, double(grad_ins), g.double())
     _, lg = grads(f, grad_ins, g)
     for name, a, t, l_ in zip(FUSED_GRADS, got, tg, lg):
         check(name, a, t, l_)
@@ -244,21 +251,56 @@ def check_fused(ins, dtype, gen, chunk, w, scale, ms, ss, grad_ins=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[5]])
-@pytest.mark.parametrize("state", ["separate", "shared"])
+@pytest.mark.parametrize("state", ["separate", "shared", "omitted"])
 def test_bsbr_attention_fused(dtype, d, cfg, state):
     b, h, n, chunk, w = cfg
     gen = torch.Generator(device=DEV).manual_seed(4)
     ds = d // 4 if state == "separate" else d
     q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
-    if state == "shared":  # the autograd layer passes q, k themselves when no state is given
+    if state == "shared":  # q, k passed again as the states: separate gradients
         qs, ks = q, k
+    if state == "omitted":  # what the public op passes when no state is given: folded gradients
+        qs, ks = None, None
     scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
     # Shared: grads w.r.t. distinct leaves, so the reference sees separate tensors.
     grad_ins = [q, k, v, mq, mk, q.clone(), k.clone()] if state == "shared" else None
     _, _, _, got = check_fused([q, k, v, mq, mk, qs, ks], dtype, gen, chunk, w, scale, ms, ss, grad_ins)
     for a in got:
         for x in (q, k, v, mq, mk, qs, ks):
-            assert a.data_ptr() != x.data_ptr(), "outputs must never alias inputs"
+            assert x is None or a.numel() == 0 or a.data_ptr() != x.data_ptr(), \
+                "outputs must never alias inputs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", ["head ranges", "batch elements"])
+@pytest.mark.parametrize("state", ["separate", "omitted"])
+def test_bsbr_attention_fused_head_groups(dtype, groups, state, monkeypatch):
+    """The fused backward runs its state pipeline on groups of heads once the states pass a
+    memory budget; BSBR_GROUP_STATE_BYTES shrinks the budget so that small problems take that
+    path: one head per group, or two whole batch elements per group. SPEC check against the
+    fp64 truth, and the token gradients equal the one-group run: bit for bit on the tensor-core
+    path (our kernels see each head alone); to fp32 rounding on the fp32 path, where cuBLAS may
+    pick another algorithm for another batch count."""
+    b, h, n, d, chunk, w = 3, 3, 150, 64, 32, 5
+    ds = 16 if state == "separate" else d
+    gen = torch.Generator(device=DEV).manual_seed(15)
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    if state == "omitted":
+        qs, ks = None, None
+    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    ins = [q, k, v, mq, mk, qs, ks]
+    out, lse = ops._bsbr_attention_fwd(*ins, chunk, w, scale, ms, ss)
+    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+    whole = ops._bsbr_attention_bwd(g, *ins, out, lse, chunk, w, scale, ms, ss)
+    per_head = math.ceil(n / chunk) * ds * d * 4
+    monkeypatch.setenv("BSBR_GROUP_STATE_BYTES", str(per_head if groups == "head ranges" else 2 * h * per_head))
+    check_fused(ins, dtype, gen, chunk, w, scale, ms, ss)
+    grouped = ops._bsbr_attention_bwd(g, *ins, out, lse, chunk, w, scale, ms, ss)
+    for name, a, c in zip(FUSED_GRADS, grouped, whole):
+        if dtype == torch.float32:
+            assert rel_err(a, c) < 1e-5, f"{name}: grouped backward differs from one group"
+        elif "meta" not in name:  # dP's split-K count follows the group size
+            assert torch.equal(a, c), f"{name}: grouped backward differs from one group"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

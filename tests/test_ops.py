@@ -215,6 +215,9 @@ def _op_samples():
         (torch.ops.bsbr.chunk_attention.default, (q, k, v, qs, retrieved), dict(chunk_size=16, chunk_overlap=5)),
         (torch.ops.bsbr._bsbr_attention_fwd.default, (q, k, v, mq, mk, qs, ks, 16, 5, *scales), {}),
         (torch.ops.bsbr._bsbr_attention_bwd.default, (g, q, k, v, mq, mk, qs, ks, out, lse, 16, 5, *scales), {}),
+        (torch.ops.bsbr._bsbr_attention_fwd.default, (q, k, v, mq, mk, None, None, 16, 5, *scales), {}),
+        (torch.ops.bsbr._bsbr_attention_bwd.default,
+         (g, q, k, v, mq, mk, None, None, out, lse, 16, 5, *scales), {}),
         (torch.ops.bsbr._chunk_states_fwd.default, (ks, v, 16), {}),
         (torch.ops.bsbr._chunk_states_bwd.default, (torch.randn_like(states), ks, v, 16), {}),
         (torch.ops.bsbr._block_retrieval_fwd.default, (mq, mk, states, 0.5), {}),
@@ -224,7 +227,26 @@ def _op_samples():
     ]
 
 
-@pytest.mark.parametrize("index", range(13))
+def test_fused_backward_folds_omitted_states():
+    """q_state / k_state None: the internal fused ops use q / k, and the backward adds the state
+    path's gradients into grad_q / grad_k (what autograd sums for q_state=q, k_state=k) and
+    returns grad_q_state / grad_k_state empty."""
+    q, k, v, mq, mk, _, _ = make_inputs(2, 3, 45, 8, 8, 6, 16, requires_grad=False)
+    args = (16, 5, 0.3, 0.5, 0.05)
+    out, lse = torch.ops.bsbr._bsbr_attention_fwd(q, k, v, mq, mk, None, None, *args)
+    out_given, _ = torch.ops.bsbr._bsbr_attention_fwd(q, k, v, mq, mk, q, k, *args)
+    torch.testing.assert_close(out, out_given, rtol=0, atol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    folded = torch.ops.bsbr._bsbr_attention_bwd(g, q, k, v, mq, mk, None, None, out, lse, *args)
+    given = torch.ops.bsbr._bsbr_attention_bwd(g, q, k, v, mq, mk, q, k, out, lse, *args)
+    torch.testing.assert_close(folded[0], given[0] + given[5])
+    torch.testing.assert_close(folded[1], given[1] + given[6])
+    for a, b in zip(folded[2:5], given[2:5]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert folded[5].shape == (0,) and folded[6].shape == (0,)
+
+
+@pytest.mark.parametrize("index", range(15))
 def test_opcheck(index):
     op, args, kwargs = _op_samples()[index]
     if op.name().startswith("bsbr::_"):  # internal ops are not differentiable themselves

@@ -587,19 +587,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_att
 
 std::tuple<at::Tensor, at::Tensor> bsbr_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& meta_q,
-    const at::Tensor& meta_k, const at::Tensor& q_state, const at::Tensor& k_state,
-    int64_t chunk_size, int64_t chunk_overlap, double scale, double meta_scale, double state_scale) {
-  const auto states = chunk_states_fwd(k_state, v, chunk_size);
+    const at::Tensor& meta_k, const std::optional<at::Tensor>& q_state,
+    const std::optional<at::Tensor>& k_state, int64_t chunk_size, int64_t chunk_overlap, double scale,
+    double meta_scale, double state_scale) {
+  const auto states = chunk_states_fwd(k_state.value_or(k), v, chunk_size);
   const auto retrieved = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
-  return chunk_attention_fwd(q, k, v, q_state, retrieved, chunk_size, chunk_overlap, scale, state_scale);
+  return chunk_attention_fwd(q, k, v, q_state.value_or(q), retrieved, chunk_size, chunk_overlap, scale,
+                             state_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 bsbr_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& meta_q, const at::Tensor& meta_k,
-                   const at::Tensor& q_state, const at::Tensor& k_state, const at::Tensor& out,
-                   const at::Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale,
-                   double meta_scale, double state_scale) {
+                   const std::optional<at::Tensor>& q_state_, const std::optional<at::Tensor>& k_state_,
+                   const at::Tensor& out, const at::Tensor& lse, int64_t chunk_size,
+                   int64_t chunk_overlap, double scale, double meta_scale, double state_scale) {
+  const at::Tensor& q_state = q_state_.has_value() ? *q_state_ : q;
+  const at::Tensor& k_state = k_state_.has_value() ? *k_state_ : k;
   const auto states = chunk_states_fwd(k_state, v, chunk_size);
   const auto retrieved = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
   const auto g = chunk_attention_bwd_acc(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size,
@@ -612,13 +616,13 @@ bsbr_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         chunk_states_bwd_kernel<scalar_t>(dstates, k_state.contiguous(), v.contiguous(), chunk_size);
   });
   const auto dtype = q.scalar_type();
-  return {g.q.view(q.sizes()).to(dtype),
-          g.k.view(k.sizes()).to(dtype),
-          g.v.add_(dv_states).view(v.sizes()).to(dtype),
-          dmq,
-          dmk,
-          g.q_state.view(q_state.sizes()).to(dtype),
-          dks.view(k_state.sizes()).to(dtype)};
+  // An omitted state's gradient is folded into q's / k's (summed before the one rounding).
+  at::Tensor dq = g.q.view(q.sizes()), dk = g.k.view(k.sizes());
+  at::Tensor dqs = g.q_state.view(q_state.sizes()), dk_state = dks.view(k_state.sizes());
+  if (!q_state_.has_value()) dq.add_(dqs), dqs = at::empty({0}, q.options());
+  if (!k_state_.has_value()) dk.add_(dk_state), dk_state = at::empty({0}, q.options());
+  return {dq.to(dtype), dk.to(dtype), g.v.add_(dv_states).view(v.sizes()).to(dtype), dmq, dmk,
+          dqs.to(dtype), dk_state.to(dtype)};
 }
 
 }  // namespace

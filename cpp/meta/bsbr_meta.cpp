@@ -52,16 +52,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_att
 
 std::tuple<at::Tensor, at::Tensor> bsbr_attention_fwd(
     const at::Tensor& q, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double, double) {
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t, double,
+    double, double) {
   return {like(q), lse_for(q)};
+}
+
+// grad of a state input: its shape, or empty when it was omitted (folded into grad_q / grad_k).
+at::Tensor state_grad(const std::optional<at::Tensor>& state, const at::Tensor& fallback) {
+  return state.has_value() ? like(*state) : at::empty({0}, fallback.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 bsbr_attention_bwd(const at::Tensor&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& meta_q, const at::Tensor& meta_k, const at::Tensor& q_state,
-                   const at::Tensor& k_state, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                   double, double, double) {
-  return {like(q), like(k), like(v), like(meta_q), like(meta_k), like(q_state), like(k_state)};
+                   const at::Tensor& meta_q, const at::Tensor& meta_k,
+                   const std::optional<at::Tensor>& q_state, const std::optional<at::Tensor>& k_state,
+                   const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double, double) {
+  return {like(q), like(k), like(v), like(meta_q), like(meta_k), state_grad(q_state, q),
+          state_grad(k_state, k)};
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor&, const at::Tensor&, at::Tensor&,
