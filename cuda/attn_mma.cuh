@@ -639,7 +639,8 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
 // ---------------------------------------------------------------------------------------------
 // Per-token products with the fp32 matrix M_c [ds, D] of the token's chunk, on tensor cores:
 //   kPrep = false (chunk-states backward, M = dF):
-//       dx[t] = y[t] M_c^T (+ p.dqs_add) -> p.dqs [n, ds],   dy[t] = x[t] M_c (+ p.dv_add) -> p.dv [n, D]
+//       dx[t] = y[t] M_c^T -> p.dqs [n, ds],   dy[t] = x[t] M_c -> p.dv [n, D]
+//       (each added to what the output holds with p.dqs_accumulate / p.dv_accumulate)
 //       with x = p.qs (k_state), y = p.v
 //   kPrep = true (attention-backward preprocess, M = S):
 //       dqs[t] = state_scale * dO[t] S_c^T -> p.dqs,  delta[t] = dO[t].out[t] - qs[t].dqs[t]
@@ -725,8 +726,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
     }
   }
   T* dx = static_cast<T*>(p.dqs) + (int64_t)bh * n * ds;
-  const T* dx_add = (kPrep || p.dqs_add == nullptr)
-                        ? nullptr : static_cast<const T*>(p.dqs_add) + (int64_t)bh * n * ds;
+  const T* dx_add = (!kPrep && p.dqs_accumulate) ? dx : nullptr;
   float part[2] = {0.f, 0.f};  // kPrep: this thread's share of delta for rows ra, rb
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -787,8 +787,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
       }
     }
     T* dy = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
-    const T* dy_add =
-        p.dv_add == nullptr ? nullptr : static_cast<const T*>(p.dv_add) + (int64_t)bh * n * D;
+    const T* dy_add = p.dv_accumulate ? dy : nullptr;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = i == 0 ? ra : rb;

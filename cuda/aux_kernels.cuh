@@ -64,9 +64,10 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
   }
 }
 
-// Backward of the chunk states: dx[t] = y[t] dF_c^T (-> p.dqs, [n, ds], plus p.dqs_add when
-// given) and dy[t] = x[t] dF_c (-> p.dv, [n, D], plus p.dv_add when given). dF (p.S) is staged in shared
-// memory with rows padded by one word so that threads walking different rows hit different banks.
+// Backward of the chunk states: dx[t] = y[t] dF_c^T (-> p.dqs, [n, ds], added to it with
+// p.dqs_accumulate) and dy[t] = x[t] dF_c (-> p.dv, [n, D], added with p.dv_accumulate). dF (p.S)
+// is staged in shared memory with rows padded by one word so that threads walking different rows
+// hit different banks.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) states_bwd_kernel(AttnParams p) {
   extern __shared__ float smem[];
@@ -86,8 +87,6 @@ __global__ void __launch_bounds__(kThreads) states_bwd_kernel(AttnParams p) {
   const int tok = threadIdx.x / 8, j = threadIdx.x % 8;
   T* dx = static_cast<T*>(p.dqs);
   T* dy = static_cast<T*>(p.dv);
-  const T* dy_add = static_cast<const T*>(p.dv_add);
-  const T* dx_add = static_cast<const T*>(p.dqs_add);
   for (int s0 = t0; s0 < t1; s0 += kTok) {
     __syncthreads();
     for (int idx = threadIdx.x; idx < kTok * D; idx += kThreads) {
@@ -104,14 +103,14 @@ __global__ void __launch_bounds__(kThreads) states_bwd_kernel(AttnParams p) {
       for (int i = j; i < D; i += 8) {  // dy[t][i] = sum_k x[t][k] dF[k][i]
         float acc = 0.f;
         for (int kk = 0; kk < ds; ++kk) acc += sX[tok * D + kk] * sF[kk * SP + i];
-        if (dy_add != nullptr) acc += to_f(dy_add[row * D + i]);
+        if (p.dv_accumulate) acc += to_f(dy[row * D + i]);
         dy[row * D + i] = from_f<T>(acc);
       }
       for (int kk = j; kk < ds; kk += 8) {  // dx[t][k] = sum_i y[t][i] dF[k][i]
         float acc = 0.f;
 #pragma unroll 8
         for (int i = 0; i < D; ++i) acc += sY[tok * D + i] * sF[kk * SP + i];
-        if (dx_add != nullptr) acc += to_f(dx_add[row * ds + kk]);
+        if (p.dqs_accumulate) acc += to_f(dx[row * ds + kk]);
         dx[row * ds + kk] = from_f<T>(acc);
       }
     }

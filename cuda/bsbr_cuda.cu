@@ -231,8 +231,8 @@ void states_bwd_into(const Tensor& gF, const Tensor& x, const Tensor& y, int64_t
   p.S = F.data_ptr<float>();
   p.dqs = gx.data_ptr();
   p.dv = gy.data_ptr();
-  p.dqs_add = add_x ? gx.data_ptr() : nullptr;
-  p.dv_add = add_y ? gy.data_ptr() : nullptr;
+  p.dqs_accumulate = add_x;
+  p.dv_accumulate = add_y;
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
     run_states_bwd<decltype(t), decltype(dim)::value>(p, stream);
@@ -425,10 +425,12 @@ std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrie
 // The fused op with fp16/bf16 inputs runs the three C x C mixing products as split-precision
 // (bf16x3) tensor-core kernels (retrieval_mma.cuh): ~2^-17 relative error, invisible in its
 // fp16/bf16 outputs. fp32 inputs and the standalone retrieval ops (whose fp32 outputs are
-// compared at fp32 accuracy) keep the true-fp32 cuBLAS products above. BSBR_MIX_FP32=1 forces
-// the cuBLAS path everywhere (cross-checking).
-bool use_tc_mix(const Tensor& q) {
-  if (q.scalar_type() == at::kFloat || force_simt()) return false;
+// compared at fp32 accuracy) keep the true-fp32 cuBLAS products above, and so do empty problems.
+// BSBR_MIX_FP32=1 forces the cuBLAS path everywhere (cross-checking).
+bool use_tc_mix(const Tensor& q, const Tensor& meta_q) {
+  if (q.scalar_type() == at::kFloat || force_simt() || q.numel() == 0 || meta_q.numel() == 0) {
+    return false;
+  }
   const char* e = std::getenv("BSBR_MIX_FP32");
   return !(e != nullptr && std::strcmp(e, "1") == 0);
 }
@@ -512,6 +514,16 @@ void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
   } else {
     mix::launch_mix<1, 128, 64, 2, 2>(mp, stream);
   }
+}
+
+// The retrieved states R = P F of the fused op: on tensor cores when the padded weights P are
+// given (use_tc_mix), else through the cuBLAS retrieval from the meta tensors.
+Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& meta_q, const Tensor& meta_k,
+                double meta_scale) {
+  if (!P.defined()) return block_retrieval_fwd(meta_q, meta_k, F, meta_scale);
+  Tensor R = at::empty_like(F, at::MemoryFormat::Contiguous);
+  mix_states(0, P, F, R);
+  return R;
 }
 
 // dP = dS F^T for j < c (0 elsewhere) as `splits` partial sums [splits, bh, C, Cp]; returns the
@@ -700,13 +712,8 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
   Tensor R;
   {  // the chunk states die before the attention allocates its output (lower peak)
     Tensor states = states_impl(k_state, v, chunk_size, 1.0);
-    if (use_tc_mix(q) && states.numel() > 0 && meta_q.numel() > 0) {
-      Tensor P = probs_padded(meta_q, meta_k, meta_scale);
-      R = at::empty_like(states, at::MemoryFormat::Contiguous);
-      mix_states(0, P, states, R);
-    } else {
-      R = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
-    }
+    const Tensor P = use_tc_mix(q, meta_q) ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
+    R = retrieve(states, P, meta_q, meta_k, meta_scale);
   }
   return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);
 }
@@ -743,16 +750,15 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
                      int64_t chunk_size, int64_t chunk_overlap, double scale, double meta_scale,
                      double state_scale, const TokenGrads& g, const Tensor& dmq, const Tensor& dmk,
                      const Tensor& dks, bool fold_k) {
-  // Recompute the chunk states and the retrieval (cheap next to the attention).
+  // Recompute the chunk states and the retrieval (cheap next to the attention). Two fp32 state
+  // buffers in all: F (later overwritten by dF) and R (later by dR).
   Tensor F = states_impl(k_state, v, chunk_size, 1.0);
+  Tensor R = retrieve(F, P, meta_q, meta_k, meta_scale);
+  Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap,
+                            scale, state_scale, g, /*dR_into_S=*/true);
+  R = Tensor();
   if (P.defined()) {
-    // Two fp32 state buffers in all: F (later overwritten by dF) and R (later by dR).
     const int64_t C = P.size(1);
-    Tensor R = at::empty_like(F, at::MemoryFormat::Contiguous);
-    mix_states(0, P, F, R);
-    Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap,
-                              scale, state_scale, g, /*dR_into_S=*/true);
-    R = Tensor();
     auto [dP, splits] = mix_scores(dR, F, C);  // dP = dS F^T (j < c)
     mix_states(1, P, dR, F);                    // dF = P^T dS, into F's buffer (dead after dP)
     dR = Tensor();
@@ -764,10 +770,6 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
         static_cast<int>(Cp), splits, rows * Cp, static_cast<float>(meta_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    Tensor R = block_retrieval_fwd(meta_q, meta_k, F, meta_scale);
-    Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap,
-                              scale, state_scale, g);
-    R = Tensor();
     auto [gmq, gmk, dF] = block_retrieval_bwd(dR, meta_q, meta_k, F, meta_scale);
     dmq.copy_(gmq);
     dmk.copy_(gmk);
@@ -803,7 +805,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
   Tensor dmk = at::empty(meta_k.sizes(), meta_k.options());
   // The retrieval weights, once for all groups (C x C per head: small next to the states);
   // the groups turn them into the logits' gradient.
-  const bool tc = use_tc_mix(q) && q.numel() > 0 && meta_q.numel() > 0;
+  const bool tc = use_tc_mix(q, meta_q);
   const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
   for (const HeadGroup& hg : head_groups(b, h, C * ds * d * int64_t{sizeof(float)})) {
     auto part = [&](const Tensor& t) { return t.narrow(0, hg.b0, hg.nb).narrow(1, hg.h0, hg.nh); };

@@ -38,10 +38,13 @@ struct AttnParams {
   void* dv = nullptr;
   void* dqs = nullptr;
   float* states = nullptr;       // [b, h, C, ds, d]
-  const void* dv_add = nullptr;  // optional, contiguous [b, h, n, d]: added to dv (fused bwd)
-  // Fused backward with q_state / k_state omitted (= q / k): their gradients land in dq / dk.
-  const void* dqs_add = nullptr;  // states backward: contiguous [b, h, n, ds] added to dqs
-  bool dq_accumulate = false;     // attention dQ: add to what dq holds (the preprocess's dqs)
+  // Add to what an output already holds (fp32 sum, one rounding) instead of overwriting it. The
+  // fused backward uses them to sum the gradients of one tensor's two paths in place: the state
+  // path's dv (states backward), and with q_state / k_state omitted (= q / k) their gradients in
+  // dq (attention dQ after the preprocess wrote dqs there) and dk (states backward, into dqs = dk).
+  bool dv_accumulate = false;
+  bool dqs_accumulate = false;
+  bool dq_accumulate = false;
 
   int b = 0, h = 0, n = 0, ds = 0, chunk = 0, overlap = 0, num_chunks = 0;
   float scale = 1.f, state_scale = 1.f;
