@@ -27,6 +27,12 @@ template <int D> struct Cfg {
   static constexpr int SD = D + 8;           // padded smem row (elements)
   static constexpr int BN_FWD = 64;          // keys per tile, forward
   static constexpr int BN_BWD = D <= 64 ? 64 : 32;  // N tile, backward (register budget)
+  // Forward CTAs per SM that shared memory allows (46 KiB at D = 64, 87 KiB at 128); asking the
+  // register allocator for as many keeps loads of 4 CTAs in flight at D = 64 (ptxas otherwise
+  // took 130 registers: 3 CTAs; the forward is latency-bound).
+  static constexpr int kFwdMinBlocks = D <= 64 ? 4 : 2;
+  // dK/dV at D = 64: 3 CTAs per SM instead of the 2 that ptxas's 181 registers allowed.
+  static constexpr int kDkvMinBlocks = D <= 64 ? 3 : 1;
 };
 
 template <typename T>
@@ -65,9 +71,43 @@ __device__ __forceinline__ int bkn_off(int lane, int k0, int n0) {
   return (k0 + ((lane / 8) % 2) * 8 + lane % 8) * SD + n0 + (lane / 16) * 8;
 }
 
+// Stages scale * M for an fp32 [ds, D] matrix M (rows [ds, dsp) as zeros) as hi + lo halves of T
+// in shared memory ([dsp][SD] each; hi = round(x), lo = round(x - hi)). Each thread issues
+// kBatch 16-byte loads before it converts any: one load per step left the kernels waiting a
+// full memory round trip per step (ncu: latency-bound, low occupancy).
+template <typename T, int D>
+__device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int ds, int dsp,
+                                            float scale) {
+  constexpr int SD = Cfg<D>::SD, kPerRow = D / 4, kBatch = 8;
+  const int total = dsp * kPerRow;
+  for (int base = 0; base < total; base += kBatch * kThreads) {
+    float4 val[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int idx = base + i * kThreads + threadIdx.x, r = idx / kPerRow;
+      val[i] = idx < total && r < ds
+                   ? *reinterpret_cast<const float4*>(M + (int64_t)r * D + (idx % kPerRow) * 4)
+                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int idx = base + i * kThreads + threadIdx.x;
+      if (idx >= total) continue;
+      const int off = (idx / kPerRow) * SD + (idx % kPerRow) * 4;
+      const float vs[4] = {val[i].x * scale, val[i].y * scale, val[i].z * scale, val[i].w * scale};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const T h = from_f<T>(vs[e]);
+        sHi[off + e] = h;
+        sLo[off + e] = from_f<T>(vs[e] - to_f(h));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kernel(AttnParams p) {
   constexpr int SD = Cfg<D>::SD, BN = Cfg<D>::BN_FWD, NT = BN / 8, DT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -96,6 +136,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnParams p) {
   load_rows<T, D, BN>(sK, kb, p.k_st.n, kv_lo, n);
   load_rows<T, D, BN>(sV, vb, p.v_st.n, kv_lo, n);
   cp_async_commit();
+  // The epilogue reads the retrieved states S_c of this CTA's chunks (16 KiB per chunk at d = 64,
+  // 64 KiB at 128); fetching them into L2 now hides that DRAM latency behind the window loop.
+  const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
+  {
+    const char* s0 = reinterpret_cast<const char*>(p.S + ((int64_t)bh * p.num_chunks + c_first) * p.ds * D);
+    const int bytes = (c_last - c_first + 1) * p.ds * D * static_cast<int>(sizeof(float));
+    for (int off = threadIdx.x * 128; off < bytes; off += kThreads * 128) prefetch_l2(s0 + off);
+  }
 
   float o[DT][4];
 #pragma unroll
@@ -211,24 +259,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnParams p) {
     T* sHi = sK;
     T* sLo = sK + D * SD;
     const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
-    const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
     const T* qsb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
     for (int c = c_first; c <= c_last; ++c) {
-      const float* Sc = p.S + ((int64_t)bh * p.num_chunks + c) * ds * D;
       __syncthreads();
-      for (int idx = threadIdx.x; idx < dsp * D / 4; idx += kThreads) {
-        const int r = idx / (D / 4), c4 = idx % (D / 4);
-        float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (r < ds) val = *reinterpret_cast<const float4*>(Sc + (int64_t)r * D + c4 * 4);
-        const float vs[4] = {val.x * p.state_scale, val.y * p.state_scale,
-                             val.z * p.state_scale, val.w * p.state_scale};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const T h = from_f<T>(vs[e]);
-          sHi[r * SD + c4 * 4 + e] = h;
-          sLo[r * SD + c4 * 4 + e] = from_f<T>(vs[e] - to_f(h));
-        }
-      }
+      stage_split<T, D>(sHi, sLo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp,
+                        p.state_scale);
       __syncthreads();
       if (warp_ok && cw == c) {
 #pragma unroll
@@ -389,14 +424,18 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
 
   T* ob = static_cast<T*>(p.dq) + (int64_t)bh * n * D;
 #pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[dt][e] *= p.scale;
+  if (p.dq_accumulate) add_existing<T, DT>(dq, ob, D, ra, n, D);
+#pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = i == 0 ? ra : rb;
     if (row < n) {
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         const int col = dt * 8 + (lane % 4) * 2;
-        store_pair<T>(ob, p.dq_accumulate ? ob : nullptr, (int64_t)row * D + col,
-                      dq[dt][2 * i] * p.scale, dq[dt][2 * i + 1] * p.scale);
+        store_pair<T>(ob, (int64_t)row * D + col, dq[dt][2 * i], dq[dt][2 * i + 1]);
       }
     }
   }
@@ -410,7 +449,7 @@ __device__ __forceinline__ int query_end(int u_last, int B, int w, int n) {
 
 // ---------------------------------------------------------------------------------------------
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attn_dkv_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kernel(AttnParams p) {
   constexpr int SD = Cfg<D>::SD, BN = Cfg<D>::BN_BWD, NT = BN / 8, DT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -563,6 +602,8 @@ __global__ void __launch_bounds__(kThreads) attn_dkv_kernel(AttnParams p) {
 // (16-row tiles dealt round-robin to the 4 warps), N = D, K = the chunk's tokens in steps of 64.
 // X^T comes straight from the token-major tile through ldmatrix.trans. The partial last chunk
 // and ds not a multiple of 16 are zero-padded in shared memory, so every product is exact in fp32.
+// With p.states_split the result is stored as split-bf16 words, the operand format of the
+// tensor-core retrieval mixing (retrieval_mma.cuh), which then never splits a fragment itself.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
   constexpr int SD = Cfg<D>::SD, BT = 64, DT = D / 8;
@@ -628,8 +669,10 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
           const int col = dt * 8 + (lane % 4) * 2;
-          *reinterpret_cast<float2*>(F + (int64_t)row * D + col) =
-              make_float2(acc[i][dt][2 * h2] * p.out_scale, acc[i][dt][2 * h2 + 1] * p.out_scale);
+          const float v0 = acc[i][dt][2 * h2] * p.out_scale, v1 = acc[i][dt][2 * h2 + 1] * p.out_scale;
+          *reinterpret_cast<uint2*>(F + (int64_t)row * D + col) =
+              p.states_split ? make_uint2(split_word(v0), split_word(v1))
+                             : make_uint2(__float_as_uint(v0), __float_as_uint(v1));
         }
       }
     }
@@ -684,19 +727,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
     sX[r * SD + col] = from_f<T>(0.f);
   }
   const float mscale = kPrep ? p.state_scale : 1.f;
-  const float* M = p.S + ((int64_t)bh * p.num_chunks + c) * ds * D;
-  for (int idx = threadIdx.x; idx < dsp * D / 4; idx += kThreads) {
-    const int r = idx / (D / 4), c4 = idx % (D / 4);
-    float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < ds) val = *reinterpret_cast<const float4*>(M + (int64_t)r * D + c4 * 4);
-    const float vs[4] = {val.x * mscale, val.y * mscale, val.z * mscale, val.w * mscale};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const T h = from_f<T>(vs[e]);
-      sMhi[r * SD + c4 * 4 + e] = h;
-      sMlo[r * SD + c4 * 4 + e] = from_f<T>(vs[e] - to_f(h));
-    }
-  }
+  stage_split<T, D>(sMhi, sMlo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp, mscale);
   cp_async_wait<0>();
   __syncthreads();
 
@@ -726,7 +757,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
     }
   }
   T* dx = static_cast<T*>(p.dqs) + (int64_t)bh * n * ds;
-  const T* dx_add = (!kPrep && p.dqs_accumulate) ? dx : nullptr;
+  if (!kPrep && p.dqs_accumulate) add_existing<T, DT>(ax, dx, ds, ra, t1, ds);
   float part[2] = {0.f, 0.f};  // kPrep: this thread's share of delta for rows ra, rb
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -735,7 +766,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
     for (int nt = 0; nt < DT; ++nt) {
       const int col = nt * 8 + (lane % 4) * 2;
       if (row < t1 && col < ds) {
-        store_pair<T>(dx, dx_add, (int64_t)row * ds + col, ax[nt][2 * i], ax[nt][2 * i + 1]);
+        store_pair<T>(dx, (int64_t)row * ds + col, ax[nt][2 * i], ax[nt][2 * i + 1]);
         if (kPrep) {
           const int rl = row - t0;
           part[i] -= to_f(sX[rl * SD + col]) * ax[nt][2 * i] +
@@ -787,7 +818,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
       }
     }
     T* dy = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
-    const T* dy_add = p.dv_accumulate ? dy : nullptr;
+    if (p.dv_accumulate) add_existing<T, DT>(ay, dy, D, ra, t1, D);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = i == 0 ? ra : rb;
@@ -795,7 +826,7 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
           const int col = dt * 8 + (lane % 4) * 2;
-          store_pair<T>(dy, dy_add, (int64_t)row * D + col, ay[dt][2 * i], ay[dt][2 * i + 1]);
+          store_pair<T>(dy, (int64_t)row * D + col, ay[dt][2 * i], ay[dt][2 * i + 1]);
         }
       }
     }

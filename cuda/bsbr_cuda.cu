@@ -24,6 +24,7 @@
 #include "bsbr_common.h"
 #include "bsbr_cuda.h"
 #include "kernel_utils.cuh"
+#include "meta_probs.cuh"
 #include "retrieval_mma.cuh"
 
 namespace bsbr_cuda {
@@ -191,8 +192,10 @@ void check_state_inputs(const Tensor& k_state, const Tensor& v, int64_t chunk_si
 }
 
 // `into`, when given, is a contiguous fp32 [b, h, C, ds, d] buffer to write (reused memory).
+// `split` stores split-bf16 words instead of fp32 (the tensor-core mixing's operand format;
+// fp16/bf16 inputs only).
 Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_scale,
-                   const Tensor& into = Tensor()) {
+                   const Tensor& into = Tensor(), bool split = false) {
   const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
   const int64_t C = (n + chunk - 1) / chunk;
   Tensor out = into.defined() ? into : at::empty({b, h, C, ds, d}, y.options().dtype(at::kFloat));
@@ -201,6 +204,8 @@ Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_s
   AttnParams p = state_params(x, y, chunk, xx, yy);
   p.states = out.data_ptr<float>();
   p.out_scale = static_cast<float>(out_scale);
+  p.states_split = split;
+  TORCH_INTERNAL_ASSERT(!(split && p.simt), "split-word states come from the tensor-core kernel only");
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
     run_states_fwd<decltype(t), decltype(dim)::value>(p, stream);
@@ -252,8 +257,10 @@ std::tuple<Tensor, Tensor> chunk_states_bwd(const Tensor& grad_states, const Ten
 // ------------------------------------------------------------------ block retrieval
 
 // One warp per row c of the [C, C] logits x: p_cj = softmax_{j<c}(meta_scale * a_cj), 0 for
-// j >= c, written to y with leading dim ldy >= C (padding columns get 0). Row 0 has no earlier
-// chunk and becomes all zeros (no NaN). May run in place (y == x, ldy == C).
+// j >= c, written to y with leading dim ldy >= C (padding columns get 0), as fp32 or (kSplit)
+// split-bf16 words. Row 0 has no earlier chunk and becomes all zeros (no NaN). May run in place
+// (y == x, ldy == C).
+template <bool kSplit>
 __global__ void masked_softmax_fwd_kernel(const float* x, float* y, int64_t rows, int C, int ldy,
                                           float scale_log2) {
   const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
@@ -271,32 +278,62 @@ __global__ void masked_softmax_fwd_kernel(const float* x, float* y, int64_t rows
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   const float inv = c > 0 ? 1.f / sum : 0.f;
-  for (int j = lane; j < ldy; j += 32) o[j] = j < c ? exp2f(r[j] * scale_log2 - mx) * inv : 0.f;
+  for (int j = lane; j < ldy; j += 32) {
+    const float pj = j < c ? exp2f(r[j] * scale_log2 - mx) * inv : 0.f;
+    o[j] = kSplit ? __uint_as_float(split_word(pj)) : pj;
+  }
 }
 
 // da = out_scale * P * (dP - rowsum(P * dP)), written into da (which may be P or dP: each lane
 // reads an element before it writes it). dP may arrive as `splits` partial sums (split-K of the
 // tensor-core product), `split_stride` apart, added here in a fixed order (deterministic). P, dP
-// and da rows have leading dim ld. Masked entries have P = 0 and get 0.
+// and da rows have leading dim ld; P is fp32 or (kSplitP) split-bf16 words. Row c reads only
+// j < c (P is zero elsewhere) and writes zeros there. One warp per row; each lane keeps kUnroll
+// elements' loads in flight (with a single load per step the kernel waited on memory latency).
+template <bool kSplitP>
 __global__ void masked_softmax_bwd_kernel(const float* P, const float* dP, float* da, int64_t rows,
                                           int C, int ld, int splits, int64_t split_stride,
                                           float out_scale) {
+  constexpr int kUnroll = 4;
   const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
+  const int c = static_cast<int>(row % C);
   const float* pr = P + row * ld;
   const float* dr = dP + row * ld;
   float* out = da + row * ld;
+  auto p = [&](int j) { return kSplitP ? unsplit_word(__float_as_uint(pr[j])) : pr[j]; };
   auto dp = [&](int j) {
     float v = dr[j];
     for (int s = 1; s < splits; ++s) v += dr[s * split_stride + j];
     return v;
   };
   float sum = 0.f;
-  for (int j = lane; j < C; j += 32) sum += pr[j] * dp(j);
+  for (int j0 = lane; j0 < c; j0 += 32 * kUnroll) {
+    float pv[kUnroll], dv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + 32 * u;
+      pv[u] = j < c ? p(j) : 0.f;
+      dv[u] = j < c ? dp(j) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) sum += pv[u] * dv[u];
+  }
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  for (int j = lane; j < C; j += 32) out[j] = pr[j] * (dp(j) - sum) * out_scale;
+  for (int j0 = lane; j0 < C; j0 += 32 * kUnroll) {
+    float v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + 32 * u;
+      v[u] = j < c ? p(j) * (dp(j) - sum) * out_scale : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (j0 + 32 * u < C) out[j0 + 32 * u] = v[u];
+    }
+  }
 }
 
 // The C x C mixing products of the retrieval run through cuBLAS SGEMM in true fp32 (TF32 only if
@@ -362,7 +399,7 @@ Tensor retrieval_probs(const Tensor& mq32, const Tensor& mk32, double meta_scale
   const int64_t rows = logits.numel() / std::max<int64_t>(C, 1);
   if (rows == 0) return logits;
   const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
-  masked_softmax_fwd_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+  masked_softmax_fwd_kernel<false><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
       logits.data_ptr<float>(), logits.data_ptr<float>(), rows, static_cast<int>(C),
       static_cast<int>(C), static_cast<float>(meta_scale) * kLog2e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -408,8 +445,8 @@ std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrie
   Tensor F = states.contiguous().view({b * h, C, ds * d});
   Tensor da = tri_scores(dS, F).contiguous().view({b, h, C, C});  // dP, then da in place
   const int64_t rows = b * h * C;
-  masked_softmax_bwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
-                              at::cuda::getCurrentCUDAStream()>>>(P.data_ptr<float>(),
+  masked_softmax_bwd_kernel<false><<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
+                                     at::cuda::getCurrentCUDAStream()>>>(P.data_ptr<float>(),
                                                                   da.data_ptr<float>(),
                                                                   da.data_ptr<float>(), rows,
                                                                   static_cast<int>(C),
@@ -437,51 +474,43 @@ bool use_tc_mix(const Tensor& q, const Tensor& meta_q) {
 
 int64_t pad4(int64_t x) { return (x + 3) / 4 * 4; }
 
-// P = masked softmax of meta_scale * mq mk^T as [b*h, C, Cp] fp32, Cp = C rounded up to 4; the
-// padding columns and j >= c hold zeros.
-Tensor probs_padded(const Tensor& meta_q_, const Tensor& meta_k_, double meta_scale) {
-  const int64_t dm = meta_q_.size(3);
-  if (meta_q_.scalar_type() == meta_k_.scalar_type() && dm % 8 == 0 && dm <= 1024) {
-    // One kernel from the meta tensors as they are (no fp32 copies, no logits GEMM).
-    Tensor mq = meta_q_.contiguous(), mk = meta_k_.contiguous();
-    if (reinterpret_cast<uintptr_t>(mq.data_ptr()) % 16 == 0 &&
-        reinterpret_cast<uintptr_t>(mk.data_ptr()) % 16 == 0) {
-      const int64_t bh = mq.size(0) * mq.size(1), C = mq.size(2), Cp = pad4(C);
-      Tensor P = at::empty({bh, C, Cp}, mq.options().dtype(at::kFloat));
-      const int64_t rows = bh * C;
-      if (rows == 0) return P;
-      const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
-      const size_t smem = 8 * dm * sizeof(float);
-      const float sl2 = static_cast<float>(meta_scale) * kLog2e;
-      auto stream = at::cuda::getCurrentCUDAStream();
-      auto launch = [&](auto tag) {
-        using T = decltype(tag);
-        mix::meta_probs_kernel<T><<<blocks, 256, smem, stream>>>(
-            reinterpret_cast<const T*>(mq.data_ptr()), reinterpret_cast<const T*>(mk.data_ptr()),
-            P.data_ptr<float>(), rows, static_cast<int>(C), static_cast<int>(Cp),
-            static_cast<int>(dm), sl2);
-      };
-      switch (mq.scalar_type()) {
-        case at::kHalf: launch(__half{}); break;
-        case at::kBFloat16: launch(__nv_bfloat16{}); break;
-        default: launch(float{}); break;
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return P;
+// P = masked softmax of meta_scale * mq mk^T as [b*h, C, Cp] split-bf16 words (the tensor-core
+// mixing's operand format), Cp = C rounded up to 4; the padding columns and j >= c hold zeros.
+Tensor probs_padded(const Tensor& meta_q, const Tensor& meta_k, double meta_scale) {
+  const int64_t bh = meta_q.size(0) * meta_q.size(1), C = meta_q.size(2), dm = meta_q.size(3);
+  const int64_t Cp = pad4(C), rows = bh * C;
+  Tensor P = at::empty({bh, C, Cp}, meta_q.options().dtype(at::kFloat));
+  if (rows == 0) return P;
+  const float sl2 = static_cast<float>(meta_scale) * kLog2e;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const at::ScalarType st = meta_q.scalar_type();
+  if ((st == at::kHalf || st == at::kBFloat16) && meta_k.scalar_type() == st &&
+      mix::meta_probs_supported(static_cast<int>(dm))) {
+    // One tensor-core kernel from the meta tensors as they are (no fp32 copies, no logits buffer).
+    Tensor mq = meta_q.contiguous(), mk = meta_k.contiguous();
+    if (reinterpret_cast<uintptr_t>(mq.data_ptr()) % 16 != 0) mq = mq.clone();  // 16-byte loads
+    if (reinterpret_cast<uintptr_t>(mk.data_ptr()) % 16 != 0) mk = mk.clone();
+    auto launch = [&](auto tag) {
+      using T = decltype(tag);
+      mix::launch_meta_probs<T>(reinterpret_cast<const T*>(mq.data_ptr()),
+                                reinterpret_cast<const T*>(mk.data_ptr()), P.data_ptr<float>(), bh,
+                                static_cast<int>(C), static_cast<int>(Cp), static_cast<int>(dm),
+                                sl2, stream);
+    };
+    if (st == at::kHalf) {
+      launch(__half{});
+    } else {
+      launch(__nv_bfloat16{});
     }
+    return P;
   }
-  const Tensor& meta_q = meta_q_;
-  const Tensor& meta_k = meta_k_;
+  // fp32 or mixed-dtype meta tensors, or a meta dim the kernel does not cover: fp32 logits
+  // through cuBLAS, then the masked softmax.
   Tensor logits = at::matmul(meta_q.to(at::kFloat), meta_k.to(at::kFloat).transpose(-1, -2))
                       .contiguous();
-  const int64_t bh = meta_q.size(0) * meta_q.size(1), C = logits.size(-1), Cp = pad4(C);
-  Tensor P = at::empty({bh, C, Cp}, logits.options());
-  const int64_t rows = bh * C;
-  if (rows == 0) return P;
-  masked_softmax_fwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
-                              at::cuda::getCurrentCUDAStream()>>>(
+  masked_softmax_fwd_kernel<true><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       logits.data_ptr<float>(), P.data_ptr<float>(), rows, static_cast<int>(C),
-      static_cast<int>(Cp), static_cast<float>(meta_scale) * kLog2e);
+      static_cast<int>(Cp), sl2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return P;
 }
@@ -495,7 +524,8 @@ mix::MixParams mix_params(int64_t bh, int64_t C) {
   return mp;
 }
 
-// out = P F (mode 0) or P^T F (mode 1); F, out contiguous fp32 [bh, C, X].
+// out = P F (mode 0) or P^T F (mode 1); P and F in split-bf16 words, F and out (fp32)
+// contiguous [bh, C, X].
 void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
   const int64_t bh = P.size(0), C = P.size(1), Cp = P.size(2);
   const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
@@ -507,8 +537,7 @@ void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
   mp.O = out.data_ptr<float>(), mp.o_bh = C * X, mp.ldo = static_cast<int>(X);
   mp.N = static_cast<int>(X), mp.K = static_cast<int>(C);
   auto stream = at::cuda::getCurrentCUDAStream();
-  // 128 x 64 tiles, warps of 64 x 32: each split fragment feeds more MMAs than with 64 x 64
-  // (the split, not the tensor core, limited the 64 x 64 kernel: ncu on an H100).
+  // 128 x 64 tiles, warps of 64 x 32: each fragment feeds more MMAs than with 64 x 64.
   if (mode == 0) {
     mix::launch_mix<0, 128, 64, 2, 2>(mp, stream);
   } else {
@@ -516,8 +545,9 @@ void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
   }
 }
 
-// The retrieved states R = P F of the fused op: on tensor cores when the padded weights P are
-// given (use_tc_mix), else through the cuBLAS retrieval from the meta tensors.
+// The retrieved states R = P F (fp32) of the fused op: on tensor cores when the padded weights P
+// are given (use_tc_mix; P and F then hold split-bf16 words), else through the cuBLAS retrieval
+// from the meta tensors.
 Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& meta_q, const Tensor& meta_k,
                 double meta_scale) {
   if (!P.defined()) return block_retrieval_fwd(meta_q, meta_k, F, meta_scale);
@@ -526,8 +556,8 @@ Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& meta_q, const Te
   return R;
 }
 
-// dP = dS F^T for j < c (0 elsewhere) as `splits` partial sums [splits, bh, C, Cp]; returns the
-// buffer and the split count. Split-K only when the j < c tiles alone cannot fill the GPU.
+// dP = dS F^T for j < c (0 elsewhere) as `splits` fp32 partial sums [splits, bh, C, Cp] from
+// split-bf16 dS and F; returns the buffer and the split count. Split-K only when the j < c tiles alone cannot fill the GPU.
 std::pair<Tensor, int> mix_scores(const Tensor& dS, const Tensor& F, int64_t C) {
   const int64_t bh = F.size(0) * F.size(1), Cp = pad4(C);
   const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
@@ -628,7 +658,8 @@ struct TokenGrads {
 Tensor attn_bwd_into(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
                      const Tensor& qs_, const Tensor& retrieved, const Tensor& out_,
                      const Tensor& lse_, int64_t chunk, int64_t overlap, double scale,
-                     double state_scale, const TokenGrads& g, bool dR_into_S = false) {
+                     double state_scale, const TokenGrads& g, bool dR_into_S = false,
+                     bool dR_split = false) {
   const int64_t b = q_.size(0), h = q_.size(1), n = q_.size(2), d = q_.size(3);
   const int64_t ds = qs_.size(3), C = (n + chunk - 1) / chunk;
   if (g.dq.numel() == 0) return at::zeros({b, h, C, ds, d}, q_.options().dtype(at::kFloat));
@@ -644,9 +675,10 @@ Tensor attn_bwd_into(const Tensor& dout_, const Tensor& q_, const Tensor& k_, co
 
   // dS_c = state_scale * sum_{t in c} qs[t]^T dO[t]: the chunk-states product of (qs, dO).
   // With dR_into_S it overwrites the retrieved states once the preprocess (their only reader)
-  // has run: one fp32 state buffer less at the backward's peak.
+  // has run: one fp32 state buffer less at the backward's peak. dR_split writes split-bf16 words
+  // (the tensor-core mixing's operand format).
   Tensor dR;
-  if (!dR_into_S) dR = states_impl(qs, dout, chunk, state_scale);
+  if (!dR_into_S) dR = states_impl(qs, dout, chunk, state_scale, Tensor(), dR_split);
 
   AttnParams p;
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.qs = qs.data_ptr();
@@ -667,7 +699,7 @@ Tensor attn_bwd_into(const Tensor& dout_, const Tensor& q_, const Tensor& k_, co
     constexpr int D = decltype(dim)::value;
     run_attn_bwd_prep<T, D>(p, stream);
   });
-  if (dR_into_S) dR = states_impl(qs, dout, chunk, state_scale, S);
+  if (dR_into_S) dR = states_impl(qs, dout, chunk, state_scale, S, dR_split);
   dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
     run_attn_bwd<decltype(t), decltype(dim)::value>(p, stream);
   });
@@ -711,8 +743,9 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
   check_on(meta_k, "meta_k", q.device());
   Tensor R;
   {  // the chunk states die before the attention allocates its output (lower peak)
-    Tensor states = states_impl(k_state, v, chunk_size, 1.0);
-    const Tensor P = use_tc_mix(q, meta_q) ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
+    const bool tc = use_tc_mix(q, meta_q);
+    Tensor states = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/tc);
+    const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
     R = retrieve(states, P, meta_q, meta_k, meta_scale);
   }
   return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);
@@ -752,10 +785,11 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
                      const Tensor& dks, bool fold_k) {
   // Recompute the chunk states and the retrieval (cheap next to the attention). Two fp32 state
   // buffers in all: F (later overwritten by dF) and R (later by dR).
-  Tensor F = states_impl(k_state, v, chunk_size, 1.0);
+  // On the tensor-core path F and dR are split-bf16 words (the mixing's operand format).
+  Tensor F = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/P.defined());
   Tensor R = retrieve(F, P, meta_q, meta_k, meta_scale);
   Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap,
-                            scale, state_scale, g, /*dR_into_S=*/true);
+                            scale, state_scale, g, /*dR_into_S=*/true, /*dR_split=*/P.defined());
   R = Tensor();
   if (P.defined()) {
     const int64_t C = P.size(1);
@@ -764,8 +798,8 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
     dR = Tensor();
     // da = meta_scale * P * (dP - rowsum(P * dP)) into P (its last use).
     const int64_t Cp = dP.size(3), rows = P.size(0) * C;
-    masked_softmax_bwd_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
-                                at::cuda::getCurrentCUDAStream()>>>(
+    masked_softmax_bwd_kernel<true><<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
+                                      at::cuda::getCurrentCUDAStream()>>>(
         P.data_ptr<float>(), dP.data_ptr<float>(), P.data_ptr<float>(), rows, static_cast<int>(C),
         static_cast<int>(Cp), splits, rows * Cp, static_cast<float>(meta_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -38,6 +38,7 @@ struct AttnParams {
   void* dv = nullptr;
   void* dqs = nullptr;
   float* states = nullptr;       // [b, h, C, ds, d]
+  bool states_split = false;     // states as split-bf16 words (kernel_utils.cuh), tensor-core kernel only
   // Add to what an output already holds (fp32 sum, one rounding) instead of overwriting it. The
   // fused backward uses them to sum the gradients of one tensor's two paths in place: the state
   // path's dv (states backward), and with q_state / k_state omitted (= q / k) their gradients in

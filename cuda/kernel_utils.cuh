@@ -41,15 +41,64 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, fl
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-// Stores the pair (v0, v1) at dst[off], dst[off + 1], first adding add[off], add[off + 1] when add
-// is given (fp32 sum, one rounding; add may be dst: each thread reads what it then writes).
+// Stores the pair (v0, v1) at dst[off], dst[off + 1].
 template <typename T>
-__device__ __forceinline__ void store_pair(T* dst, const T* add, int64_t off, float v0, float v1) {
-  if (add != nullptr) {
-    v0 += to_f(add[off]);
-    v1 += to_f(add[off + 1]);
-  }
+__device__ __forceinline__ void store_pair(T* dst, int64_t off, float v0, float v1) {
   *reinterpret_cast<uint32_t*>(dst + off) = pack2<T>(v0, v1);
+}
+
+// Adds what a [rows, ld] output already holds to an mma accumulator fragment (fp32 sum before the
+// one rounding): acc[t][0..1] at row ra, acc[t][2..3] at row ra + 8, cols t * 8 + 2 * (lane % 4)
+// (+1); rows >= row_end and cols >= col_end are left alone. All loads are issued before any add:
+// a load placed after a store to the same array stays behind it, so loading inside the store
+// loop cost one memory round trip per pair. The read-only path is safe: only this thread writes
+// these elements, and only after this read.
+template <typename T, int NT>
+__device__ __forceinline__ void add_existing(float (&acc)[NT][4], const T* src, int64_t ld, int ra,
+                                             int row_end, int col_end) {
+  const int lane = threadIdx.x % 32;
+  uint32_t old[2][NT];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = ra + 8 * i;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const int col = t * 8 + (lane % 4) * 2;
+      old[i][t] = row < row_end && col < col_end
+                      ? __ldg(reinterpret_cast<const unsigned int*>(src + (int64_t)row * ld + col))
+                      : 0u;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const T* e = reinterpret_cast<const T*>(&old[i][t]);
+      acc[t][2 * i] += to_f(e[0]);
+      acc[t][2 * i + 1] += to_f(e[1]);
+    }
+}
+
+// Split-bf16 words. An fp32 value x is kept as hi = bf16(x) (low 16 bits) and lo = bf16(x - hi)
+// (high 16 bits) in one 32-bit word, so a buffer of fp32 size holds it element for element. hi + lo
+// carries ~16 significant bits with fp32's exponent range. The producers of the retrieval's mixing
+// operands write these words once, so the tensor-core mixing (bf16x3: hi*hi + hi*lo + lo*hi)
+// only regroups halves instead of splitting every fragment it reads.
+__device__ __forceinline__ uint32_t split_word(float x) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(x);
+  const __nv_bfloat16 l = __float2bfloat16_rn(x - __bfloat162float(h));
+  return static_cast<uint32_t>(__bfloat16_as_ushort(h)) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(l)) << 16);
+}
+__device__ __forceinline__ float unsplit_word(uint32_t w) {
+  return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w & 0xffffu))) +
+         __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w >> 16)));
+}
+// Split words of two consecutive k -> the bf16x2 operand registers {hi0, hi1} and {lo0, lo1}.
+__device__ __forceinline__ void regroup_words(uint32_t w0, uint32_t w1, uint32_t& hi,
+                                              uint32_t& lo) {
+  hi = __byte_perm(w0, w1, 0x5410);
+  lo = __byte_perm(w0, w1, 0x7632);
 }
 
 // D += A(16x16, row) * B(16x8, col), fp32 accumulators.
@@ -99,6 +148,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Hint: fetch the 128-byte line at p into L2 (no register result, never faults the kernel).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
 // First token of the local window of token t: max(0, chunk(t)*B - w).

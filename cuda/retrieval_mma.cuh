@@ -5,14 +5,18 @@
 //   mode 1:  dF = P^T dS    dF[j] = sum_{c>j} P[c,j] dS[c]      (k range [m0, C))
 //   mode 2:  dP = dS F^T    dP[c,j] = <dS[c], F[j]> for j < c, 0 elsewhere (optionally split-K
 //            into partial sums, added in a fixed order by the softmax backward: deterministic)
-// Each fp32 operand x is split into hi = bf16(x) and lo = bf16(x - hi) (round to nearest); the
-// product uses hi*hi + hi*lo + lo*hi on bf16 m16n8k16 tensor cores with fp32 accumulation:
+// Every operand (P, F, dS) arrives as split-bf16 words (kernel_utils.cuh: hi = bf16(x) and
+// lo = bf16(x - hi) in the 32 bits of one fp32 element), written once by the kernel that produced
+// it. The product uses hi*hi + hi*lo + lo*hi on bf16 m16n8k16 tensor cores with fp32 accumulation:
 // ~2^-17 relative error per product (the dropped lo*lo and lo's rounding), far below the
 // bf16/fp16 rounding of the op's outputs, with fp32's exponent range (no overflow, no scaling).
+// Outputs are plain fp32.
 // Tiles: BM x BN per CTA (the host uses 128 x 64 for S and dF, 64 x 64 for dP), 4 warps of
-// WM x WN, BK = 32, 2-stage cp.async pipeline; fragments are read straight from the fp32 tiles,
-// whose row pitches make every read conflict-free. P (and dP) are stored with a padded leading dim Cp (multiple of 4) whose padding
-// columns hold zeros, so 16-byte loads never straddle the bound.
+// WM x WN, BK = 32, 2-stage cp.async pipeline; fragments are read straight from the 32-bit word
+// tiles (two words per k pair, regrouped into hi and lo operand registers by two byte permutes),
+// whose row pitches make every read conflict-free. P (and dP) are stored with a padded leading
+// dim Cp (multiple of 4) whose padding columns hold zeros, so 16-byte loads never straddle the
+// bound.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -52,16 +56,7 @@ struct MixSmem {
                 "pitches chosen for conflict-free fragment reads");
 };
 
-// (x0, x1) = hi + lo + O(2^-17 |x|), each half a bf16 pair in mma operand order (x0 low).
-__device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  const float2 hf = __bfloat1622float2(h);
-  const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  lo = *reinterpret_cast<const uint32_t*>(&l);
-}
-
-// Copies a ROWS x COLS fp32 tile (global rows r0.., cols c0..) into smem with row pitch PITCH,
+// Copies a ROWS x COLS tile of 32-bit words (global rows r0.., cols c0..) into smem with row pitch PITCH,
 // 16 bytes per cp.async; pieces outside [rows, cols) are zero-filled. cols % 4 == 0.
 template <int ROWS, int COLS, int PITCH, int NT>
 __device__ __forceinline__ void load_tile(float* smem, const float* g, int ld, int rows, int cols,
@@ -81,8 +76,10 @@ __device__ __forceinline__ void load_tile(float* smem, const float* g, int ld, i
 // MODE 0: A = P stored [m][k] (k contiguous), B = F stored [k][n].
 // MODE 1: A(m, k) = P[k][m] stored [k][m],   B = dS stored [k][n].
 // MODE 2: A = dS stored [m][k],               B(k, n) = F[n][k] stored [n][k].
+// Three CTAs per SM (<= 168 registers; ptxas took 182 unbounded, which fits two): the kernel
+// waits on its 2-stage pipeline's loads, and a third CTA keeps more of them in flight.
 template <int MODE, int BM, int BN, int WM, int WN>
-__global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
+__global__ void __launch_bounds__(WM * WN * 32, 3) mix_kernel(const MixParams p) {
   using Smem = MixSmem<MODE, BM, BN>;
   constexpr int NT = WM * WN * 32;
   constexpr int BK = kBK;
@@ -151,9 +148,11 @@ __global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
     }
     cp_async_commit();
   };
-  // Two consecutive-k values: along a stored row (one 8-byte read) or down two stored rows.
-  auto pair_along = [](const float* base) { return *reinterpret_cast<const float2*>(base); };
-  auto pair_down = [](const float* base, int pitch) { return make_float2(base[0], base[pitch]); };
+  // Words of two consecutive k: along a stored row (one 8-byte read) or down two stored rows.
+  auto pair_along = [](const float* base) { return *reinterpret_cast<const uint2*>(base); };
+  auto pair_down = [](const float* base, int pitch) {
+    return make_uint2(__float_as_uint(base[0]), __float_as_uint(base[pitch]));
+  };
 
   if (kb < ke) load(0, kb);
   for (int kt = kb; kt < ke; ++kt) {
@@ -176,9 +175,9 @@ __global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = wm * WTM + mt * 16 + g + 8 * (e % 2), k = kk + 2 * t + 8 * (e / 2);
-          const float2 x = kAmk ? pair_along(as + r * A_PITCH + k)
-                                : pair_down(as + k * A_PITCH + r, A_PITCH);
-          split_bf16x2(x.x, x.y, ahi[mt][e], alo[mt][e]);
+          const uint2 x = kAmk ? pair_along(as + r * A_PITCH + k)
+                               : pair_down(as + k * A_PITCH + r, A_PITCH);
+          regroup_words(x.x, x.y, ahi[mt][e], alo[mt][e]);
         }
       }
       // B fragment e: column c, k pair kk + 2t + 8e.
@@ -189,9 +188,9 @@ __global__ void __launch_bounds__(WM * WN * 32) mix_kernel(const MixParams p) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int k = kk + 2 * t + 8 * e;
-          const float2 y = kBkn ? pair_down(bs + k * B_PITCH + c, B_PITCH)
-                                : pair_along(bs + c * B_PITCH + k);
-          split_bf16x2(y.x, y.y, bhi[nt][e], blo[nt][e]);
+          const uint2 y = kBkn ? pair_down(bs + k * B_PITCH + c, B_PITCH)
+                               : pair_along(bs + c * B_PITCH + k);
+          regroup_words(y.x, y.y, bhi[nt][e], blo[nt][e]);
         }
       }
 #pragma unroll
@@ -237,81 +236,6 @@ inline void launch_mix(const MixParams& p, cudaStream_t stream) {
   if (tiles == 0) return;
   kernel<<<static_cast<unsigned>(tiles), WM * WN * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// P[bh, c, j] = softmax_{j<c}(meta_scale * <mq[c], mk[j]>) (0 for j >= c and in the padding
-// columns [C, ldp)), straight from the meta tensors in their own dtype (contiguous [bh, C, dm],
-// dm % 8 == 0, 16-byte aligned): one warp per row c, mq[c] staged in smem as fp32. Eight lanes
-// share one mk row (each loads 16 contiguous bytes: a warp-wide load covers 4 whole 128-byte
-// lines) and add their partial dots with shuffles; each step keeps kUnroll such loads in flight,
-// since the kernel is bound by the latency of these loads. Logits go through the output row (L2)
-// between the passes.
-template <typename T>
-__global__ void meta_probs_kernel(const T* __restrict__ mq, const T* __restrict__ mk,
-                                  float* __restrict__ P, int64_t rows, int C, int ldp, int dm,
-                                  float scale_log2) {
-  extern __shared__ float4 smem4[];
-  float* qrow = reinterpret_cast<float*>(smem4) + (threadIdx.x / 32) * dm;
-  const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // whole warps exit together: no block-wide barrier below
-  const int c = static_cast<int>(row % C);
-  const int64_t bh = row / C;
-  const T* q = mq + row * dm;
-  for (int e = lane; e < dm; e += 32) qrow[e] = to_f<T>(q[e]);
-  __syncwarp();
-  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
-  constexpr int kGroup = 8;             // lanes per mk row
-  constexpr int kRowsPerLoad = 32 / kGroup;
-  constexpr int kUnroll = 8;  // mk rows per lane group and step
-  const int sub = lane % kGroup, slot = lane / kGroup;
-  float* o = P + row * ldp;
-  const T* kbase = mk + bh * C * dm;
-  float mx = -INFINITY;
-  for (int j0 = 0; j0 < c; j0 += kRowsPerLoad * kUnroll) {
-    float acc[kUnroll];
-#pragma unroll
-    for (int r = 0; r < kUnroll; ++r) acc[r] = 0.f;
-    for (int e = sub * kVec; e < dm; e += kGroup * kVec) {
-      float4 raw[kUnroll];
-#pragma unroll
-      for (int r = 0; r < kUnroll; ++r) {
-        const int j = j0 + r * kRowsPerLoad + slot;
-        raw[r] = j < c ? *reinterpret_cast<const float4*>(kbase + (int64_t)j * dm + e)
-                       : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-#pragma unroll
-      for (int u = 0; u < kVec; u += 4) {
-        const float4 qq = *reinterpret_cast<const float4*>(qrow + e + u);
-#pragma unroll
-        for (int r = 0; r < kUnroll; ++r) {
-          const T* kv = reinterpret_cast<const T*>(&raw[r]);
-          acc[r] += qq.x * to_f<T>(kv[u]) + qq.y * to_f<T>(kv[u + 1]) +
-                    qq.z * to_f<T>(kv[u + 2]) + qq.w * to_f<T>(kv[u + 3]);
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kUnroll; ++r) {
-#pragma unroll
-      for (int off = kGroup / 2; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-      const int j = j0 + r * kRowsPerLoad + slot;
-      if (j < c) {
-        const float a = acc[r] * scale_log2;
-        if (sub == 0) o[j] = a;
-        mx = fmaxf(mx, a);
-      }
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  __syncwarp();  // the passes below read logits that other lanes wrote
-  float sum = 0.f;
-  for (int j = lane; j < c; j += 32) sum += exp2f(o[j] - mx);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  const float inv = c > 0 ? 1.f / sum : 0.f;
-  for (int j = lane; j < ldp; j += 32) o[j] = j < c ? exp2f(o[j] - mx) * inv : 0.f;
 }
 
 }  // namespace mix

@@ -176,13 +176,13 @@ def test_block_retrieval(dtype, C, dm):
 # ----------------------------------------------------------------------------- chunk attention
 
 
-def attn_inputs(b, h, n, d, ds, chunk, dtype, gen, strided=False):
+def attn_inputs(b, h, n, d, ds, chunk, dtype, gen, strided=False, dm=24):
     q, k, v = qkv(b, h, n, d, dtype, gen, strided)
     qs = token(b, h, n, ds, dtype, gen)
     ks = token(b, h, n, ds, dtype, gen)
     C = (n + chunk - 1) // chunk
-    mq = torch.randn(b, h, C, 24, generator=gen, device=DEV).to(dtype)
-    mk = torch.randn(b, h, C, 24, generator=gen, device=DEV).to(dtype)
+    mq = torch.randn(b, h, C, dm, generator=gen, device=DEV).to(dtype)
+    mk = torch.randn(b, h, C, dm, generator=gen, device=DEV).to(dtype)
     # Realistic retrieved states (a convex mix of chunk states), fp32 as the op takes them.
     R = ref.block_retrieval(mq.double(), mk.double(), ref.chunk_states(ks.double(), v.double(), chunk)).float()
     return q, k, v, qs, ks, mq, mk, R
@@ -329,6 +329,21 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
     for name, a, c in zip(["out"] + FUSED_GRADS, (out, *got), (out32, *got32)):
         err = rel_err(a, c)
         assert err < 1e-2, f"{name}: tensor-core retrieval differs from fp32 retrieval by {err:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dm", [8, 64, 128, 200, 256, 12, 264])
+def test_bsbr_attention_fused_meta_dims(dtype, dm):
+    """The retrieval weights of the tensor-core path come from one kernel compiled for padded
+    meta dims 32 / 64 / 128 / 256 (dm % 8 == 0, dm <= 256; 12 and 264 take the cuBLAS-logits
+    fallback); 70 chunks make two row blocks, the second with a partial tile."""
+    b, h, d, ds, chunk, w = 1, 2, 32, 16, 16, 3
+    n = chunk * 70 - 3
+    gen = torch.Generator(device=DEV).manual_seed(16)
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen, dm=dm)
+    mq, mk = mq * 2, mk * 2  # peakier retrieval weights
+    scale, ms, ss = scales(d, dm, ds, chunk)
+    check_fused([q, k, v, mq, mk, qs, ks], dtype, gen, chunk, w, scale, ms, ss * 8)
 
 
 # ----------------------------------------------------------------------------- layout & determinism

@@ -1,0 +1,259 @@
+// Retrieval weights of the fused op on tensor cores (mma.sync m16n8k16, fp32 accumulate):
+//   P[bh, c, j] = softmax_{j<c}(meta_scale * <mq[bh, c], mk[bh, j]>)   for j < c,
+//   P[bh, c, j] = 0 for j >= c (row c = 0 is all zeros) and in the padding columns [C, ldp).
+// mq, mk: contiguous [bh, C, dm] fp16/bf16; P: [bh, C, ldp] of split-bf16 words (split_word in
+// kernel_utils.cuh), the form the tensor-core mixing reads, so no later pass re-splits P.
+// A CTA of 4 warps owns 64 rows c of one head (16 per warp, FlashAttention-style: the mq tile is
+// the A operand, mk streams through a 2-stage cp.async pipeline in tiles of 64 rows j). The
+// normalisation needs the whole row before any weight can be written, so pass 1 keeps the online
+// row max and sum and pass 2 recomputes the logits and writes the weights: recomputing a 64-wide
+// tile is cheaper than a round trip of the logits through global memory.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+
+#include "kernel_utils.cuh"
+
+namespace bsbr_cuda {
+namespace mix {
+
+namespace meta {
+
+constexpr int kThreads = 128;
+constexpr int kRows = 64;  // rows c per CTA
+constexpr int kCols = 64;  // rows j per mk tile
+
+// Meta dim padded to a multiple of 16 for the k steps; DMP is one of a few compiled widths.
+template <int DMP> struct Cfg {
+  static constexpr int SD = DMP + 8;  // +16 bytes: ldmatrix's 8 row reads hit distinct banks
+  static constexpr size_t kSmemElems = (kRows + 2 * kCols) * SD;  // mq tile + 2 mk stages
+  // CTAs per SM for __launch_bounds__: what shared memory allows at DMP >= 128; below, the most
+  // whose register cap still compiles without spills (sm_90; unbounded, ptxas took 108-122
+  // registers at DMP = 64, i.e. 4 CTAs).
+  static constexpr int kMinBlocks = DMP == 256 ? 2 : DMP == 128 ? 4 : DMP == 64 ? 5 : 6;
+};
+
+// Async copy of rows [r0, r0 + ROWS) of a contiguous [n, dm] matrix into a [ROWS, DMP] tile; rows
+// past n and columns [dm, DMP) are zero-filled, so the padded products are exact.
+template <typename T, int DMP, int ROWS>
+__device__ __forceinline__ void load_rows(T* s, const T* base, int r0, int n, int dm) {
+  constexpr int CPR = DMP / 8;  // 16-byte pieces per padded row
+  constexpr int SD = Cfg<DMP>::SD;
+  static_assert(ROWS * CPR % kThreads == 0, "tile pieces must divide among the threads");
+#pragma unroll
+  for (int i = 0; i < ROWS * CPR / kThreads; ++i) {
+    const int idx = i * kThreads + threadIdx.x;
+    const int r = idx / CPR, c = (idx % CPR) * 8;
+    const bool ok = r0 + r < n && c < dm;
+    const T* src = ok ? base + (int64_t)(r0 + r) * dm + c : base;
+    cp_async16(s + r * SD + c, src, ok);
+  }
+}
+
+// ldmatrix address of lane for an A operand (16 rows x 16 k) at (row0, k0) of a [row][k] tile.
+template <int SD>
+__device__ __forceinline__ int a_off(int lane, int row0, int k0) {
+  return (row0 + lane % 16) * SD + k0 + (lane / 16) * 8;
+}
+// B operand of two n8 tiles from a tile stored [n][k]: regs {0,1} n-tile 0, {2,3} n-tile 1.
+template <int SD>
+__device__ __forceinline__ int bnk_off(int lane, int n0, int k0) {
+  return (n0 + (lane / 16) * 8 + lane % 8) * SD + k0 + ((lane / 8) % 2) * 8;
+}
+
+}  // namespace meta
+
+// P must be 16-byte aligned (ldp % 4 == 0 keeps every row so): the zero tail uses 16-byte stores.
+// The A fragments of the warp's 16 mq rows stay in registers for the whole kernel (DMP / 4 regs,
+// 64 at DMP = 256): reloading them per k step would add a fifth ldmatrix to every four.
+template <typename T, int DMP>
+__global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
+    meta_probs_mma_kernel(const T* __restrict__ mq, const T* __restrict__ mk,
+                          float* __restrict__ P, int C, int ldp, int dm, float scale_log2) {
+  constexpr int SD = meta::Cfg<DMP>::SD, BM = meta::kRows, BN = meta::kCols;
+  constexpr int NT = BN / 8, KT = DMP / 16;
+  extern __shared__ float4 meta_smem[];
+  T* sQ = reinterpret_cast<T*>(meta_smem);  // [BM][SD]
+  T* sK = sQ + BM * SD;                     // [2][BN][SD]
+
+  // Row block rb needs rb + 1 mk tiles: a head's heaviest blocks first (as mix_kernel mode 0);
+  // the head stays the slow index so concurrent CTAs share their mk tiles in L2.
+  const int nrb = cdiv(C, BM);
+  const int rb = nrb - 1 - static_cast<int>(blockIdx.x % nrb);
+  const int64_t bh = blockIdx.x / nrb;
+  const int r0 = rb * BM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rw = r0 + warp * 16;   // first row of this warp
+  const bool warp_ok = rw < C;
+  const int ra = rw + lane / 4, rbw = ra + 8;  // accumulator rows g and g + 8
+  const T* qb = mq + bh * C * dm;
+  const T* kb = mk + bh * C * dm;
+  uint32_t* Pw = reinterpret_cast<uint32_t*>(P) + bh * C * ldp;
+
+  // j < c <= r0 + 63 < r0 + BN: tiles j0 = 0, BN, ..., r0. The pipeline runs through them twice
+  // (pass 1, then pass 2), so pass 2's first tile loads while pass 1's last one is in use.
+  const int nt = rb + 1, steps = 2 * nt;
+  meta::load_rows<T, DMP, BM>(sQ, qb, r0, C, dm);
+  meta::load_rows<T, DMP, BN>(sK, kb, 0, C, dm);
+  cp_async_commit();
+
+  // Columns [r0 + BN, ldp) of this CTA's rows are all zero (torch.empty gives garbage): written
+  // now, while the first tiles are in flight.
+  if (warp_ok) {
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (int r = rw; r < min(rw + 16, C); ++r) {
+      uint32_t* row = Pw + (int64_t)r * ldp;
+      for (int col = r0 + BN + lane * 4; col < ldp; col += 32 * 4)
+        *reinterpret_cast<uint4*>(row + col) = zero;
+    }
+  }
+
+  uint32_t qf[KT][4];
+  // Statistics of rows (ra, rbw) in log2 units: max over the quad, this lane's share of the sum.
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+  float mu[2] = {0.f, 0.f}, inv[2] = {0.f, 0.f};  // pass 2: final max (0 if none) and 1 / sum
+
+  for (int it = 0; it < steps; ++it) {
+    if (it + 1 < steps) {
+      meta::load_rows<T, DMP, BN>(sK + ((it + 1) & 1) * BN * SD, kb, ((it + 1) % nt) * BN, C, dm);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (it == 0) {
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk)
+        ldsm_x4(qf[kk], sQ + meta::a_off<SD>(lane, warp * 16, kk * 16));
+    }
+    const bool pass2 = it >= nt;
+    const int j0 = (pass2 ? it - nt : it) * BN;
+    const T* sKs = sK + (it & 1) * BN * SD;
+
+    // s = logits * scale_log2 for j < c, -inf elsewhere. Column groups entirely at or right of
+    // the warp's last row (only on the diagonal tile j0 = r0) are masked out without an mma.
+    float s[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    if (warp_ok) {
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+          if (j0 + nn * 16 < rw + 15) {
+            uint32_t b[4];
+            ldsm_x4(b, sKs + meta::bnk_off<SD>(lane, nn * 16, kk * 16));
+            mma16816<T>(s[2 * nn], qf[kk], b[0], b[1]);
+            mma16816<T>(s[2 * nn + 1], qf[kk], b[2], b[3]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? ra : rbw;
+        const int col = j0 + jj * 8 + (lane % 4) * 2 + (e & 1);
+        s[jj][e] = col < row ? s[jj][e] * scale_log2 : -INFINITY;  // row < C implies col < C
+      }
+    }
+
+    if (!pass2) {
+      if (warp_ok) {
+        float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+        for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[jj][e]);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+          // No valid entry yet: keep max -inf and sum 0 (subtracting 0 avoids -inf - -inf).
+          const float base = mx[i] == -INFINITY ? 0.f : mx[i];
+          l_r[i] *= exp2f(m_r[i] - base);
+          m_r[i] = mx[i];
+          mu[i] = base;
+        }
+#pragma unroll
+        for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) l_r[e / 2] += exp2f(s[jj][e] - mu[e / 2]);
+        }
+      }
+    } else {
+      if (it == nt) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+          l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+          inv[i] = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;  // row c = 0: no weight, all zeros
+        }
+      }
+      // Masked entries give exp2(-inf) = 0, so j >= c and the padding columns store word 0.
+      // Pairs never straddle ldp: col and ldp are both even.
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = i == 0 ? ra : rbw;
+        if (row < C) {
+          uint32_t* prow = Pw + (int64_t)row * ldp;
+#pragma unroll
+          for (int jj = 0; jj < NT; ++jj) {
+            const int col = j0 + jj * 8 + (lane % 4) * 2;
+            if (col < ldp) {
+              const float p0 = exp2f(s[jj][2 * i] - mu[i]) * inv[i];
+              const float p1 = exp2f(s[jj][2 * i + 1] - mu[i]) * inv[i];
+              *reinterpret_cast<uint2*>(prow + col) = make_uint2(split_word(p0), split_word(p1));
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // the stage read here is the one the next iteration's load overwrites
+  }
+}
+
+// True when launch_meta_probs handles this meta dim (else the caller uses its cuBLAS fallback).
+inline bool meta_probs_supported(int dm) { return dm >= 8 && dm <= 256 && dm % 8 == 0; }
+
+template <typename T, int DMP>
+inline void launch_meta_probs_dmp(const T* mq, const T* mk, float* P, int64_t bh, int C, int ldp,
+                                  int dm, float scale_log2, cudaStream_t stream) {
+  const size_t smem = meta::Cfg<DMP>::kSmemElems * sizeof(T);
+  auto kernel = meta_probs_mma_kernel<T, DMP>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  const int64_t blocks = bh * cdiv(C, meta::kRows);  // <= b*h*n/16 < 2^31 (check_sizes)
+  kernel<<<static_cast<unsigned>(blocks), meta::kThreads, smem, stream>>>(mq, mk, P, C, ldp, dm,
+                                                                         scale_log2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// mq, mk: contiguous [bh, C, dm], 16-byte aligned, dm % 8 == 0, 8 <= dm <= 256.
+// P: [bh, C, ldp] split-bf16 words, 16-byte aligned, ldp >= C, ldp % 4 == 0.
+// scale_log2 = meta_scale * log2(e).
+template <typename T>
+void launch_meta_probs(const T* mq, const T* mk, float* P, int64_t bh, int C, int ldp, int dm,
+                       float scale_log2, cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(meta_probs_supported(dm) && ldp >= C && ldp % 4 == 0);
+  if (bh == 0 || C == 0) return;
+  if (dm <= 32) {
+    launch_meta_probs_dmp<T, 32>(mq, mk, P, bh, C, ldp, dm, scale_log2, stream);
+  } else if (dm <= 64) {
+    launch_meta_probs_dmp<T, 64>(mq, mk, P, bh, C, ldp, dm, scale_log2, stream);
+  } else if (dm <= 128) {
+    launch_meta_probs_dmp<T, 128>(mq, mk, P, bh, C, ldp, dm, scale_log2, stream);
+  } else {
+    launch_meta_probs_dmp<T, 256>(mq, mk, P, bh, C, ldp, dm, scale_log2, stream);
+  }
+}
+
+}  // namespace mix
+}  // namespace bsbr_cuda
