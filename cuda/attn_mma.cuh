@@ -55,22 +55,6 @@ __device__ __forceinline__ void load_rows(T* s, const T* base, int64_t stride_n,
   }
 }
 
-// ldmatrix address of lane for an A operand (16 rows x 16 cols) at (row0, col0) of a row-major tile.
-template <int SD>
-__device__ __forceinline__ int a_off(int lane, int row0, int col0) {
-  return (row0 + (lane % 16)) * SD + col0 + (lane / 16) * 8;
-}
-// B operand for two n8 tiles from a tile stored [n][k] (rows = n): regs {0,1} n-tile 0, {2,3} 1.
-template <int SD>
-__device__ __forceinline__ int bnk_off(int lane, int n0, int k0) {
-  return (n0 + (lane / 16) * 8 + lane % 8) * SD + k0 + ((lane / 8) % 2) * 8;
-}
-// B operand for two n8 tiles from a tile stored [k][n] (rows = k), with ldmatrix.trans.
-template <int SD>
-__device__ __forceinline__ int bkn_off(int lane, int k0, int n0) {
-  return (k0 + ((lane / 8) % 2) * 8 + lane % 8) * SD + n0 + (lane / 16) * 8;
-}
-
 // Stages scale * M for an fp32 [ds, D] matrix M (rows [ds, dsp) as zeros) as hi + lo halves of T
 // in shared memory ([dsp][SD] each; hi = round(x), lo = round(x - hi)). Each thread issues
 // kBatch 16-byte loads before it converts any: one load per step left the kernels waiting a

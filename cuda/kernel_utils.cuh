@@ -138,6 +138,23 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
                : "r"(smem_addr(p)));
 }
 
+// ldmatrix.x4 lane addresses (element offsets into a shared tile of row pitch SD elements).
+// A operand (16 rows x 16 cols) at (row0, col0) of a row-major tile.
+template <int SD>
+__device__ __forceinline__ int a_off(int lane, int row0, int col0) {
+  return (row0 + (lane % 16)) * SD + col0 + (lane / 16) * 8;
+}
+// B operand for two n8 tiles from a tile stored [n][k] (rows = n): regs {0,1} n-tile 0, {2,3} 1.
+template <int SD>
+__device__ __forceinline__ int bnk_off(int lane, int n0, int k0) {
+  return (n0 + (lane / 16) * 8 + lane % 8) * SD + k0 + ((lane / 8) % 2) * 8;
+}
+// B operand for two n8 tiles from a tile stored [k][n] (rows = k), with ldmatrix.trans.
+template <int SD>
+__device__ __forceinline__ int bkn_off(int lane, int k0, int n0) {
+  return (k0 + ((lane / 8) % 2) * 8 + lane % 8) * SD + n0 + (lane / 16) * 8;
+}
+
 // 16-byte async copy; when !pred the destination is zero-filled (rows past n must be zero, not
 // stale: a NaN there would survive a multiplication by a zero probability).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {

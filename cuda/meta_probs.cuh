@@ -52,17 +52,6 @@ __device__ __forceinline__ void load_rows(T* s, const T* base, int r0, int n, in
   }
 }
 
-// ldmatrix address of lane for an A operand (16 rows x 16 k) at (row0, k0) of a [row][k] tile.
-template <int SD>
-__device__ __forceinline__ int a_off(int lane, int row0, int k0) {
-  return (row0 + lane % 16) * SD + k0 + (lane / 16) * 8;
-}
-// B operand of two n8 tiles from a tile stored [n][k]: regs {0,1} n-tile 0, {2,3} n-tile 1.
-template <int SD>
-__device__ __forceinline__ int bnk_off(int lane, int n0, int k0) {
-  return (n0 + (lane / 16) * 8 + lane % 8) * SD + k0 + ((lane / 8) % 2) * 8;
-}
-
 }  // namespace meta
 
 // P must be 16-byte aligned (ldp % 4 == 0 keeps every row so): the zero tail uses 16-byte stores.
@@ -127,7 +116,7 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
     if (it == 0) {
 #pragma unroll
       for (int kk = 0; kk < KT; ++kk)
-        ldsm_x4(qf[kk], sQ + meta::a_off<SD>(lane, warp * 16, kk * 16));
+        ldsm_x4(qf[kk], sQ + a_off<SD>(lane, warp * 16, kk * 16));
     }
     const bool pass2 = it >= nt;
     const int j0 = (pass2 ? it - nt : it) * BN;
@@ -145,7 +134,7 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
         for (int nn = 0; nn < BN / 16; ++nn) {
           if (j0 + nn * 16 < rw + 15) {
             uint32_t b[4];
-            ldsm_x4(b, sKs + meta::bnk_off<SD>(lane, nn * 16, kk * 16));
+            ldsm_x4(b, sKs + bnk_off<SD>(lane, nn * 16, kk * 16));
             mma16816<T>(s[2 * nn], qf[kk], b[0], b[1]);
             mma16816<T>(s[2 * nn + 1], qf[kk], b[2], b[3]);
           }
