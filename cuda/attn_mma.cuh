@@ -27,7 +27,7 @@ template <int D> struct Cfg {
   static constexpr int SD = D + 8;           // padded smem row (elements)
   static constexpr int BN_FWD = 64;          // keys per tile, forward
   static constexpr int BN_BWD = D <= 64 ? 64 : 32;  // N tile, backward (register budget)
-  // Forward CTAs per SM that shared memory allows (46 KiB at D = 64, 87 KiB at 128); asking the
+  // Forward CTAs per SM that shared memory allows (45 KiB at D = 64, 85 KiB at 128); asking the
   // register allocator for as many keeps loads of 4 CTAs in flight at D = 64 (ptxas otherwise
   // took 130 registers: 3 CTAs; the forward is latency-bound).
   static constexpr int kFwdMinBlocks = D <= 64 ? 4 : 2;

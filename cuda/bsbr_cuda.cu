@@ -524,8 +524,8 @@ mix::MixParams mix_params(int64_t bh, int64_t C) {
   return mp;
 }
 
-// out = P F (mode 0) or P^T F (mode 1); P and F in split-bf16 words, F and out (fp32)
-// contiguous [bh, C, X].
+// out = P F (mode 0) or P^T F (mode 1): P and F hold split-bf16 words, out is fp32; F and out
+// are contiguous [bh, C, X].
 void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
   const int64_t bh = P.size(0), C = P.size(1), Cp = P.size(2);
   const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
