@@ -1,9 +1,9 @@
-"""One line per kernel launch from Nsight Compute's CSV (`--csv --page details`, the sections
-named in benchmarks/profile_cuda.py, plus the --metrics there): duration, DRAM and SM throughput
-as % of peak, achieved occupancy, registers, tensor-pipe activity, DRAM bytes, and the three
-largest warp-stall reasons.
+"""One line per kernel launch from Nsight Compute's CSV (`--csv --page details`, with the
+sections and --metrics that benchmarks/ncu_run.sh asks for, which also calls this script):
+duration, DRAM and SM throughput as % of peak, achieved occupancy, registers, tensor-pipe
+activity, DRAM bytes, and the three largest warp-stall reasons.
 
-    python benchmarks/ncu_summary.py ncu.csv
+    python benchmarks/ncu_summary.py OUTDIR/ncu_d64.csv
 """
 
 import csv

@@ -5,11 +5,10 @@
 
 With --ncu the script instead runs, after warm-up, one forward and one forward+backward per
 length between cudaProfilerStart/Stop, for Nsight Compute to read the hardware counters of
-exactly those kernels (benchmarks/ncu_summary.py turns its CSV into a table):
+exactly those kernels; benchmarks/ncu_run.sh runs it under ncu with the sections and metrics
+that benchmarks/ncu_summary.py tabulates:
 
-    ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
-        --section LaunchStats --section WarpStateStats --csv --page details \
-        python benchmarks/profile_cuda.py --ncu --lengths 64k > ncu.csv
+    bash benchmarks/ncu_run.sh OUTDIR 64k "64 128"
 """
 
 import argparse

@@ -557,7 +557,8 @@ Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& meta_q, const Te
 }
 
 // dP = dS F^T for j < c (0 elsewhere) as `splits` fp32 partial sums [splits, bh, C, Cp] from
-// split-bf16 dS and F; returns the buffer and the split count. Split-K only when the j < c tiles alone cannot fill the GPU.
+// split-bf16 dS and F; returns the buffer and the split count. Split-K only when the j < c tiles
+// alone cannot fill the GPU.
 std::pair<Tensor, int> mix_scores(const Tensor& dS, const Tensor& F, int64_t C) {
   const int64_t bh = F.size(0) * F.size(1), Cp = pad4(C);
   const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);

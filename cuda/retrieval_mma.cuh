@@ -56,8 +56,8 @@ struct MixSmem {
                 "pitches chosen for conflict-free fragment reads");
 };
 
-// Copies a ROWS x COLS tile of 32-bit words (global rows r0.., cols c0..) into smem with row pitch PITCH,
-// 16 bytes per cp.async; pieces outside [rows, cols) are zero-filled. cols % 4 == 0.
+// Copies a ROWS x COLS tile of 32-bit words (global rows r0.., cols c0..) into smem with row
+// pitch PITCH, 16 bytes per cp.async; pieces outside [rows, cols) are zero-filled. cols % 4 == 0.
 template <int ROWS, int COLS, int PITCH, int NT>
 __device__ __forceinline__ void load_tile(float* smem, const float* g, int ld, int rows, int cols,
                                           int r0, int c0) {
