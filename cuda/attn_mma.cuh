@@ -562,6 +562,68 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
     __syncthreads();
   }
 
+#pragma unroll
+  for (int i = 0; i < DT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
+
+  // The chunk-states backward with k_state = k (p.dF set): dk += v dF_c^T, dv += k dF_c, added to
+  // the fp32 accumulators before the one rounding. K and V of these rows are still in shared
+  // memory, so this saves a pass that re-read k and v and read-modified-wrote dk and dv. dF_c is
+  // split into hi + lo halves of T (as S_c in the forward) in the free Q / dO buffers, RS of its
+  // rows at a time; a CTA meets several chunks only when B is not a multiple of 64.
+  if (p.dF != nullptr) {
+    constexpr int RS = D < 2 * BN ? D : 2 * BN;
+    static_assert(D % RS == 0 && 2 * RS <= 4 * BN, "dF slabs must fit the Q / dO buffers");
+    T* sHi = sQ;
+    T* sLo = sQ + RS * SD;
+    const int c_first = m0 / B, c_last = (min(n, m0 + kBM) - 1) / B;
+    const int cw = min(uw, n - 1) / B;  // 16 | B: a warp's rows share one chunk
+#pragma unroll 1
+    for (int c = c_first; c <= c_last; ++c) {
+      const float* dF = p.dF + ((int64_t)bh * p.num_chunks + c) * D * D;
+#pragma unroll
+      for (int r0 = 0; r0 < D; r0 += RS) {
+        __syncthreads();
+        stage_split<T, D>(sHi, sLo, dF + r0 * D, RS, RS, 1.f);
+        __syncthreads();
+        if (!warp_ok || cw != c) continue;
+        // dk[:, r0 + i] += sum_j v[:, j] dF[r0 + i, j]
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t av[4];
+          ldsm_x4(av, sV + a_off<SD>(lane, warp * 16, kk * 16));
+#pragma unroll
+          for (int nn = 0; nn < RS / 16; ++nn) {
+            uint32_t b[4];
+            ldsm_x4(b, sHi + bnk_off<SD>(lane, nn * 16, kk * 16));
+            mma16816<T>(dk[r0 / 8 + 2 * nn], av, b[0], b[1]);
+            mma16816<T>(dk[r0 / 8 + 2 * nn + 1], av, b[2], b[3]);
+            ldsm_x4(b, sLo + bnk_off<SD>(lane, nn * 16, kk * 16));
+            mma16816<T>(dk[r0 / 8 + 2 * nn], av, b[0], b[1]);
+            mma16816<T>(dk[r0 / 8 + 2 * nn + 1], av, b[2], b[3]);
+          }
+        }
+        // dv[:, j] += sum_i k[:, r0 + i] dF[r0 + i, j]
+#pragma unroll
+        for (int kk = 0; kk < RS / 16; ++kk) {
+          uint32_t ak[4];
+          ldsm_x4(ak, sK + a_off<SD>(lane, warp * 16, r0 + kk * 16));
+#pragma unroll
+          for (int dd = 0; dd < D / 16; ++dd) {
+            uint32_t b[4];
+            ldsm_x4_t(b, sHi + bkn_off<SD>(lane, kk * 16, dd * 16));
+            mma16816<T>(dv[2 * dd], ak, b[0], b[1]);
+            mma16816<T>(dv[2 * dd + 1], ak, b[2], b[3]);
+            ldsm_x4_t(b, sLo + bkn_off<SD>(lane, kk * 16, dd * 16));
+            mma16816<T>(dv[2 * dd], ak, b[0], b[1]);
+            mma16816<T>(dv[2 * dd + 1], ak, b[2], b[3]);
+          }
+        }
+      }
+    }
+  }
+
   T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
   T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
 #pragma unroll
@@ -572,7 +634,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
       for (int dt = 0; dt < DT; ++dt) {
         const int col = dt * 8 + (lane % 4) * 2;
         *reinterpret_cast<uint32_t*>(okp + (int64_t)row * D + col) =
-            pack2<T>(dk[dt][2 * i] * p.scale, dk[dt][2 * i + 1] * p.scale);
+            pack2<T>(dk[dt][2 * i], dk[dt][2 * i + 1]);
         *reinterpret_cast<uint32_t*>(ovp + (int64_t)row * D + col) =
             pack2<T>(dv[dt][2 * i], dv[dt][2 * i + 1]);
       }

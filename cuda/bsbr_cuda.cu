@@ -143,6 +143,16 @@ template <typename F> void dispatch(at::ScalarType st, int64_t d, F&& f) {
   }
 }
 
+// Calls f(T{}) for a meta tensor's element type (any of the three, whatever was compiled).
+template <typename F> void dispatch_meta(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kHalf: return f(__half{});
+    case at::kBFloat16: return f(__nv_bfloat16{});
+    case at::kFloat: return f(float{});
+    default: check_dtype(st, "meta_q");
+  }
+}
+
 void check_sizes(int64_t b, int64_t h, int64_t n, int64_t chunk) {
   const int64_t imax = std::numeric_limits<int>::max();
   TORCH_CHECK_VALUE(n < imax - 512, message("bsbr CUDA kernels: sequence length n must be < 2^31, got ", n));
@@ -288,13 +298,17 @@ __global__ void masked_softmax_fwd_kernel(const float* x, float* y, int64_t rows
 // reads an element before it writes it). dP may arrive as `splits` partial sums (split-K of the
 // tensor-core product), `split_stride` apart, added here in a fixed order (deterministic). P, dP
 // and da rows have leading dim ld; P is fp32 or (kSplitP) split-bf16 words. Row c reads only
-// j < c (P is zero elsewhere) and writes zeros there. One warp per row; each lane keeps kUnroll
-// elements' loads in flight (with a single load per step the kernel waited on memory latency).
-template <bool kSplitP>
+// j < c (P is zero elsewhere) and writes zeros there. One warp per row; each lane owns kVec
+// consecutive elements per 32 * kVec columns (kVec = 4: 16-byte loads, needs ld % 4 == 0 and
+// 16-byte aligned rows) and keeps kSteps such pieces of P and of the summed dP in registers: a
+// row of up to kSteps * 32 * kVec columns is read once, with all its loads in flight (with a
+// single load per step the kernel waited on memory latency); longer rows are read twice.
+template <bool kSplitP, int kVec>
 __global__ void masked_softmax_bwd_kernel(const float* P, const float* dP, float* da, int64_t rows,
                                           int C, int ld, int splits, int64_t split_stride,
                                           float out_scale) {
-  constexpr int kUnroll = 4;
+  constexpr int kSteps = 4, kSeg = 32 * kVec * kSteps;
+  using Vec = std::conditional_t<kVec == 4, float4, float>;
   const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -302,36 +316,67 @@ __global__ void masked_softmax_bwd_kernel(const float* P, const float* dP, float
   const float* pr = P + row * ld;
   const float* dr = dP + row * ld;
   float* out = da + row * ld;
-  auto p = [&](int j) { return kSplitP ? unsplit_word(__float_as_uint(pr[j])) : pr[j]; };
-  auto dp = [&](int j) {
-    float v = dr[j];
-    for (int s = 1; s < splits; ++s) v += dr[s * split_stride + j];
-    return v;
+  auto elems = [](const Vec& v, int e) -> float {
+    if constexpr (kVec == 4) return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
+    else return v;
   };
-  float sum = 0.f;
-  for (int j0 = lane; j0 < c; j0 += 32 * kUnroll) {
-    float pv[kUnroll], dv[kUnroll];
+  auto set = [](Vec& v, int e, float x) {
+    if constexpr (kVec == 4) (e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w) = x;
+    else v = x;
+  };
+  // P and the summed dP of the pieces of segment seg (zeros at j >= c).
+  auto load = [&](int seg, float (&pv)[kSteps][kVec], float (&dv)[kSteps][kVec]) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = j0 + 32 * u;
-      pv[u] = j < c ? p(j) : 0.f;
-      dv[u] = j < c ? dp(j) : 0.f;
+    for (int u = 0; u < kSteps; ++u) {
+      const int j = seg + (u * 32 + lane) * kVec;
+      Vec p4{}, d4{};
+      if (j < c) {
+        p4 = *reinterpret_cast<const Vec*>(pr + j);
+        d4 = *reinterpret_cast<const Vec*>(dr + j);
+        for (int s = 1; s < splits; ++s) {
+          const Vec x = *reinterpret_cast<const Vec*>(dr + s * split_stride + j);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) set(d4, e, elems(d4, e) + elems(x, e));
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const float pe = elems(p4, e);
+        const bool ok = j + e < c;
+        pv[u][e] = ok ? (kSplitP ? unsplit_word(__float_as_uint(pe)) : pe) : 0.f;
+        dv[u][e] = ok ? elems(d4, e) : 0.f;
+      }
     }
+  };
+  float pv[kSteps][kVec], dv[kSteps][kVec];
+  float sum = 0.f;
+  for (int seg = 0; seg < c; seg += kSeg) {
+    load(seg, pv, dv);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) sum += pv[u] * dv[u];
+    for (int u = 0; u < kSteps; ++u)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) sum += pv[u][e] * dv[u][e];
   }
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  for (int j0 = lane; j0 < C; j0 += 32 * kUnroll) {
-    float v[kUnroll];
+  const int width = kVec == 4 ? ld : C;  // kVec = 4 also zeroes the padding columns [C, ld)
+  for (int seg = 0; seg < width; seg += kSeg) {
+    if (seg >= c) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = j0 + 32 * u;
-      v[u] = j < c ? p(j) * (dp(j) - sum) * out_scale : 0.f;
+      for (int u = 0; u < kSteps; ++u)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) pv[u][e] = dv[u][e] = 0.f;
+    } else if (c > kSeg) {  // the registers hold the last segment only
+      load(seg, pv, dv);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (j0 + 32 * u < C) out[j0 + 32 * u] = v[u];
+    for (int u = 0; u < kSteps; ++u) {
+      const int j = seg + (u * 32 + lane) * kVec;
+      if (j >= width) continue;
+      Vec o4;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) set(o4, e, pv[u][e] * (dv[u][e] - sum) * out_scale);
+      *reinterpret_cast<Vec*>(out + j) = o4;
     }
   }
 }
@@ -445,7 +490,7 @@ std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrie
   Tensor F = states.contiguous().view({b * h, C, ds * d});
   Tensor da = tri_scores(dS, F).contiguous().view({b, h, C, C});  // dP, then da in place
   const int64_t rows = b * h * C;
-  masked_softmax_bwd_kernel<false><<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
+  masked_softmax_bwd_kernel<false, 1><<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
                                      at::cuda::getCurrentCUDAStream()>>>(P.data_ptr<float>(),
                                                                   da.data_ptr<float>(),
                                                                   da.data_ptr<float>(), rows,
@@ -525,8 +570,10 @@ mix::MixParams mix_params(int64_t bh, int64_t C) {
 }
 
 // out = P F (mode 0) or P^T F (mode 1): P and F hold split-bf16 words, out is fp32; F and out
-// are contiguous [bh, C, X].
-void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
+// are contiguous [bh, C, X]. For bf16 outputs (out_dtype) P enters at bf16 precision, its hi
+// half only (retrieval_mma.cuh: a third fewer MMAs).
+void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out,
+                at::ScalarType out_dtype) {
   const int64_t bh = P.size(0), C = P.size(1), Cp = P.size(2);
   const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
   mix::MixParams mp = mix_params(bh, C);
@@ -538,21 +585,26 @@ void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out) {
   mp.N = static_cast<int>(X), mp.K = static_cast<int>(C);
   auto stream = at::cuda::getCurrentCUDAStream();
   // 128 x 64 tiles, warps of 64 x 32: each fragment feeds more MMAs than with 64 x 64.
-  if (mode == 0) {
-    mix::launch_mix<0, 128, 64, 2, 2>(mp, stream);
+  const bool p_hi_only = out_dtype == at::kBFloat16;
+  if (mode == 0 && p_hi_only) {
+    mix::launch_mix<0, 128, 64, 2, 2, false>(mp, stream);
+  } else if (mode == 0) {
+    mix::launch_mix<0, 128, 64, 2, 2, true>(mp, stream);
+  } else if (p_hi_only) {
+    mix::launch_mix<1, 128, 64, 2, 2, false>(mp, stream);
   } else {
-    mix::launch_mix<1, 128, 64, 2, 2>(mp, stream);
+    mix::launch_mix<1, 128, 64, 2, 2, true>(mp, stream);
   }
 }
 
-// The retrieved states R = P F (fp32) of the fused op: on tensor cores when the padded weights P
-// are given (use_tc_mix; P and F then hold split-bf16 words), else through the cuBLAS retrieval
-// from the meta tensors.
+// The retrieved states R = P F (fp32) of the fused op with outputs of out_dtype: on tensor cores
+// when the padded weights P are given (use_tc_mix; P and F then hold split-bf16 words), else
+// through the cuBLAS retrieval from the meta tensors.
 Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& meta_q, const Tensor& meta_k,
-                double meta_scale) {
+                double meta_scale, at::ScalarType out_dtype) {
   if (!P.defined()) return block_retrieval_fwd(meta_q, meta_k, F, meta_scale);
   Tensor R = at::empty_like(F, at::MemoryFormat::Contiguous);
-  mix_states(0, P, F, R);
+  mix_states(0, P, F, R, out_dtype);
   return R;
 }
 
@@ -655,57 +707,91 @@ struct TokenGrads {
   bool dqs_into_dq = false;
 };
 
-// Writes the gradients into g and returns dR, the gradient of the retrieved states.
-Tensor attn_bwd_into(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
-                     const Tensor& qs_, const Tensor& retrieved, const Tensor& out_,
-                     const Tensor& lse_, int64_t chunk, int64_t overlap, double scale,
-                     double state_scale, const TokenGrads& g, bool dR_into_S = false,
-                     bool dR_split = false) {
-  const int64_t b = q_.size(0), h = q_.size(1), n = q_.size(2), d = q_.size(3);
-  const int64_t ds = qs_.size(3), C = (n + chunk - 1) / chunk;
-  if (g.dq.numel() == 0) return at::zeros({b, h, C, ds, d}, q_.options().dtype(at::kFloat));
-  const bool simt = force_simt() || q_.scalar_type() == at::kFloat;
-  Tensor q = prep_token(q_, !simt), k = prep_token(k_, !simt), v = prep_token(v_, !simt);
-  Tensor dout = prep_token(dout_, !simt);
-  Tensor qs = prep_token(qs_, !simt), out = prep_token(out_, !simt);
-  Tensor S = retrieved.contiguous();
-  if (reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 != 0) S = S.clone();  // float4 loads
-  Tensor lse = lse_.contiguous();
-  Tensor delta = at::empty({b, h, n}, q_.options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
+// The attention backward in two steps, so that the fused op can compute the chunk-state
+// gradients dF in between and hand them to dK/dV: preprocess() writes q_state's gradient and
+// delta and returns dR, the gradient of the retrieved states; finish() runs dK/dV and dQ into g.
+// The prepared views live here until both steps are issued.
+class AttnBackward {
+ public:
+  AttnBackward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+               const Tensor& qs, const Tensor& retrieved, const Tensor& out, const Tensor& lse,
+               int64_t chunk, int64_t overlap, double scale, double state_scale,
+               const TokenGrads& g)
+      : chunk_(chunk), state_scale_(state_scale), empty_(g.dq.numel() == 0) {
+    const int64_t b = q.size(0), h = q.size(1), n = q.size(2);
+    if (empty_) {
+      dR_shape_ = {b, h, (n + chunk - 1) / chunk, qs.size(3), q.size(3)};
+      opts_ = q.options().dtype(at::kFloat);
+      return;
+    }
+    const bool simt = force_simt() || q.scalar_type() == at::kFloat;
+    q_ = prep_token(q, !simt), k_ = prep_token(k, !simt), v_ = prep_token(v, !simt);
+    dout_ = prep_token(dout, !simt), qs_ = prep_token(qs, !simt), out_ = prep_token(out, !simt);
+    S_ = retrieved.contiguous();
+    if (reinterpret_cast<uintptr_t>(S_.data_ptr()) % 16 != 0) S_ = S_.clone();  // float4 loads
+    lse_ = lse.contiguous();
+    delta_ = at::empty({b, h, n}, q.options().dtype(at::kFloat));
+    p_.q = q_.data_ptr(), p_.k = k_.data_ptr(), p_.v = v_.data_ptr(), p_.qs = qs_.data_ptr();
+    p_.dout = dout_.data_ptr(), p_.out = out_.data_ptr();
+    p_.q_st = strides_of(q_), p_.k_st = strides_of(k_), p_.v_st = strides_of(v_);
+    p_.qs_st = strides_of(qs_), p_.dout_st = strides_of(dout_), p_.out_st = strides_of(out_);
+    p_.S = S_.data_ptr<float>();
+    p_.lse = lse_.data_ptr<float>();
+    p_.delta = delta_.data_ptr<float>();
+    p_.dq = g.dq.data_ptr(), p_.dk = g.dk.data_ptr(), p_.dv = g.dv.data_ptr();
+    p_.dqs = g.dqs_into_dq ? g.dq.data_ptr() : g.dqs.data_ptr();
+    p_.dq_accumulate = g.dqs_into_dq;
+    p_.b = b, p_.h = h, p_.n = n, p_.ds = qs.size(3), p_.chunk = chunk, p_.overlap = overlap;
+    p_.num_chunks = (n + chunk - 1) / chunk;
+    p_.scale = static_cast<float>(scale), p_.state_scale = static_cast<float>(state_scale);
+    p_.simt = simt;
+    st_ = q.scalar_type();
+    d_ = q.size(3);
+  }
 
-  // dS_c = state_scale * sum_{t in c} qs[t]^T dO[t]: the chunk-states product of (qs, dO).
-  // With dR_into_S it overwrites the retrieved states once the preprocess (their only reader)
-  // has run: one fp32 state buffer less at the backward's peak. dR_split writes split-bf16 words
+  // Whether finish() can take the chunk-state gradients (tensor-core dK/dV; k_state must be k).
+  bool fuses_states() const { return !empty_ && !p_.simt; }
+
+  // dS_c = state_scale * sum_{t in c} qs[t]^T dO[t]: the chunk-states product of (qs, dO). With
+  // dR_into_S it overwrites the retrieved states once the preprocess (their only reader) has
+  // run: one fp32 state buffer less at the backward's peak. dR_split writes split-bf16 words
   // (the tensor-core mixing's operand format).
-  Tensor dR;
-  if (!dR_into_S) dR = states_impl(qs, dout, chunk, state_scale, Tensor(), dR_split);
+  Tensor preprocess(bool dR_into_S = false, bool dR_split = false) {
+    if (empty_) return at::zeros(dR_shape_, opts_);
+    Tensor dR;
+    if (!dR_into_S) dR = states_impl(qs_, dout_, chunk_, state_scale_, Tensor(), dR_split);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch(st_, d_, [&](auto t, auto dim) {
+      run_attn_bwd_prep<decltype(t), decltype(dim)::value>(p_, stream);
+    });
+    if (dR_into_S) dR = states_impl(qs_, dout_, chunk_, state_scale_, S_, dR_split);
+    p_.S = nullptr;  // dead from here (and overwritten with dR_into_S)
+    return dR;
+  }
 
-  AttnParams p;
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.qs = qs.data_ptr();
-  p.dout = dout.data_ptr(), p.out = out.data_ptr();
-  p.q_st = strides_of(q), p.k_st = strides_of(k), p.v_st = strides_of(v), p.qs_st = strides_of(qs);
-  p.dout_st = strides_of(dout), p.out_st = strides_of(out);
-  p.S = S.data_ptr<float>();
-  p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq = g.dq.data_ptr(), p.dk = g.dk.data_ptr(), p.dv = g.dv.data_ptr();
-  p.dqs = g.dqs_into_dq ? g.dq.data_ptr() : g.dqs.data_ptr();
-  p.dq_accumulate = g.dqs_into_dq;
-  p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.overlap = overlap, p.num_chunks = C;
-  p.scale = static_cast<float>(scale), p.state_scale = static_cast<float>(state_scale);
-  p.simt = simt;
-  dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
-    using T = decltype(t);
-    constexpr int D = decltype(dim)::value;
-    run_attn_bwd_prep<T, D>(p, stream);
-  });
-  if (dR_into_S) dR = states_impl(qs, dout, chunk, state_scale, S, dR_split);
-  dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
-    run_attn_bwd<decltype(t), decltype(dim)::value>(p, stream);
-  });
-  return dR;
-}
+  // dK/dV and dQ. dF (only where fuses_states(), k_state = k): fp32 contiguous [b, h, C, d, d]
+  // chunk-state gradients that dK/dV add as v dF^T to dk and k dF to dv.
+  void finish(const Tensor& dF = Tensor()) {
+    if (empty_) return;
+    TORCH_INTERNAL_ASSERT(!dF.defined() || (fuses_states() && dF.is_contiguous()));
+    p_.dF = dF.defined() ? dF.data_ptr<float>() : nullptr;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch(st_, d_, [&](auto t, auto dim) {
+      run_attn_bwd<decltype(t), decltype(dim)::value>(p_, stream);
+    });
+  }
+
+ private:
+  int64_t chunk_;
+  double state_scale_;
+  bool empty_;
+  std::vector<int64_t> dR_shape_;
+  at::TensorOptions opts_;
+  Tensor q_, k_, v_, dout_, qs_, out_, S_, lse_, delta_;
+  AttnParams p_;
+  at::ScalarType st_ = at::kFloat;
+  int64_t d_ = 0;
+};
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_attention_bwd(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -719,8 +805,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_attention_bwd(
   c10::cuda::CUDAGuard guard(q.device());
   TokenGrads g{at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()),
                at::empty(q.sizes(), q.options()), at::empty(q_state.sizes(), q.options())};
-  Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size,
-                            chunk_overlap, scale, state_scale, g);
+  AttnBackward bwd(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size, chunk_overlap,
+                   scale, state_scale, g);
+  Tensor dR = bwd.preprocess();
+  bwd.finish();
   return {g.dq, g.dk, g.dv, g.dqs, dR};
 }
 
@@ -747,7 +835,7 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
     const bool tc = use_tc_mix(q, meta_q);
     Tensor states = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/tc);
     const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
-    R = retrieve(states, P, meta_q, meta_k, meta_scale);
+    R = retrieve(states, P, meta_q, meta_k, meta_scale, q.scalar_type());
   }
   return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);
 }
@@ -788,18 +876,19 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
   // buffers in all: F (later overwritten by dF) and R (later by dR).
   // On the tensor-core path F and dR are split-bf16 words (the mixing's operand format).
   Tensor F = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/P.defined());
-  Tensor R = retrieve(F, P, meta_q, meta_k, meta_scale);
-  Tensor dR = attn_bwd_into(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap,
-                            scale, state_scale, g, /*dR_into_S=*/true, /*dR_split=*/P.defined());
+  Tensor R = retrieve(F, P, meta_q, meta_k, meta_scale, q.scalar_type());
+  AttnBackward bwd(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap, scale,
+                   state_scale, g);
+  Tensor dR = bwd.preprocess(/*dR_into_S=*/true, /*dR_split=*/P.defined());
   R = Tensor();
   if (P.defined()) {
     const int64_t C = P.size(1);
     auto [dP, splits] = mix_scores(dR, F, C);  // dP = dS F^T (j < c)
-    mix_states(1, P, dR, F);                    // dF = P^T dS, into F's buffer (dead after dP)
+    mix_states(1, P, dR, F, q.scalar_type());  // dF = P^T dS, into F's buffer (dead after dP)
     dR = Tensor();
     // da = meta_scale * P * (dP - rowsum(P * dP)) into P (its last use).
     const int64_t Cp = dP.size(3), rows = P.size(0) * C;
-    masked_softmax_bwd_kernel<true><<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
+    masked_softmax_bwd_kernel<true, 4><<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
                                       at::cuda::getCurrentCUDAStream()>>>(
         P.data_ptr<float>(), dP.data_ptr<float>(), P.data_ptr<float>(), rows, static_cast<int>(C),
         static_cast<int>(Cp), splits, rows * Cp, static_cast<float>(meta_scale));
@@ -810,8 +899,14 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
     dmk.copy_(gmk);
     F = dF;
   }
-  // dv += k_state dF (fp32 sum, one rounding); dks = v dF^T, or dk += v dF^T.
-  states_bwd_into(F, k_state, v, chunk_size, fold_k ? g.dk : dks, fold_k, g.dv, true);
+  // The chunk-states backward: dv += k_state dF (fp32 sum, one rounding); dks = v dF^T, or
+  // dk += v dF^T. With k_state = k the tensor-core dK/dV does it from the k and v it holds.
+  if (fold_k && bwd.fuses_states()) {
+    bwd.finish(F);
+  } else {
+    bwd.finish();
+    states_bwd_into(F, k_state, v, chunk_size, fold_k ? g.dk : dks, fold_k, g.dv, true);
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attention_bwd(
@@ -843,18 +938,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
   const bool tc = use_tc_mix(q, meta_q);
   const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
   for (const HeadGroup& hg : head_groups(b, h, C * ds * d * int64_t{sizeof(float)})) {
-    auto part = [&](const Tensor& t) { return t.narrow(0, hg.b0, hg.nb).narrow(1, hg.h0, hg.nh); };
+    const bool whole = hg.nb == b && hg.nh == h;  // one group: no views to make (host time)
+    auto part = [&](const Tensor& t) {
+      return whole ? t : t.narrow(0, hg.b0, hg.nb).narrow(1, hg.h0, hg.nh);
+    };
     const TokenGrads g{part(dq), part(dk), part(dv), fold_q ? dqs : part(dqs), fold_q};
-    const Tensor Pg = tc ? P.narrow(0, hg.b0 * h + hg.h0, hg.nb * hg.nh) : Tensor();
+    const Tensor Pg = tc && !whole ? P.narrow(0, hg.b0 * h + hg.h0, hg.nb * hg.nh) : P;
     fused_bwd_group(part(grad_out), part(q), part(k), part(v), part(meta_q), part(meta_k),
                     part(q_state), part(k_state), part(out), part(lse), Pg, chunk_size,
                     chunk_overlap, scale, meta_scale, state_scale, g, part(dmq), part(dmk),
                     fold_k ? dks : part(dks), fold_k);
   }
   if (tc) {  // P now holds da (times meta_scale): dmq = da mk, dmk = da^T mq.
-    const Tensor da = P.view({b, h, C, P.size(2)}).narrow(3, 0, C);
-    dmq.copy_(at::matmul(da, meta_k.to(at::kFloat)));
-    dmk.copy_(at::matmul(da.transpose(-1, -2), meta_q.to(at::kFloat)));
+    const Tensor mq = meta_q.contiguous(), mk = meta_k.contiguous();
+    TORCH_INTERNAL_ASSERT(mk.scalar_type() == mq.scalar_type());
+    dispatch_meta(mq.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      mix::launch_meta_grads<T>(P.data_ptr<float>(), static_cast<int>(P.size(2)),
+                                reinterpret_cast<const T*>(mq.data_ptr()),
+                                reinterpret_cast<const T*>(mk.data_ptr()),
+                                reinterpret_cast<T*>(dmq.data_ptr()),
+                                reinterpret_cast<T*>(dmk.data_ptr()), b * h, static_cast<int>(C),
+                                static_cast<int>(mq.size(3)), at::cuda::getCurrentCUDAStream());
+    });
   }
   return {dq, dk, dv, dmq, dmk, dqs, dks};
 }

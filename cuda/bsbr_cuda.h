@@ -28,6 +28,10 @@ struct AttnParams {
 
   // fp32, contiguous [b, h, C, ds, d]: retrieved states (attention) or chunk-state grads.
   const float* S = nullptr;
+  // fp32, contiguous [b, h, C, d, d]: the chunk-state gradients when k_state is k. Set for the
+  // tensor-core dK/dV kernel, which then adds the chunk-states backward (v dF^T into dk, k dF
+  // into dv) before its one rounding.
+  const float* dF = nullptr;
 
   // Outputs, all contiguous. Token outputs are [b, h, n, e] in the input dtype.
   void* o = nullptr;

@@ -63,6 +63,7 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
       return;
     }
   }
+  TORCH_INTERNAL_ASSERT(p.dF == nullptr, "the chunk-states backward fuses into the tensor-core dK/dV only");
   simt::attn_dkv_kernel<T, D><<<grid_rows(p, simt::kBM), simt::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   simt::attn_dq_kernel<T, D><<<grid_rows(p, simt::kBM), simt::kThreads, 0, stream>>>(p);

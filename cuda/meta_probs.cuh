@@ -244,5 +244,94 @@ void launch_meta_probs(const T* mq, const T* mk, float* P, int64_t bh, int C, in
   }
 }
 
+// The meta tensors' gradients from da = meta_scale * d(logits) ([bh, C, ld] fp32, zero for j >= c
+// and in the padding columns):
+//   dmq[c] = sum_{j<c} da[c, j] mk[j],   dmk[j] = sum_{c>j} da[c, j] mq[c]
+// in one launch (blockIdx.x also picks the product), fp32 accumulation in a fixed order
+// (deterministic), written in T. A CTA owns 32 rows and 64 columns of one head's output and
+// walks only the k tiles inside the triangle. It replaces fp32 copies of the meta tensors, two
+// cuBLAS products and two conversions (six launches, the larger part of the host time of a
+// short sequence's backward); at C = 512 its ~0.5 GFLOP are still small next to the mixing.
+namespace meta_grads {
+constexpr int kThreads = 256, kBM = 32, kBN = 64, kBK = 32;
+static_assert(kBM == 32 && kBK == 32 && kThreads == 256, "the tile loads and the 2 x 4 thread tiles assume these");
+}
+
+template <typename T>
+__global__ void __launch_bounds__(meta_grads::kThreads) meta_grads_kernel(
+    const float* da, int ld, const T* mq, const T* mk, T* dmq, T* dmk, int C, int dm) {
+  using namespace meta_grads;
+  __shared__ float sA[kBK][kBM + 1];  // A^T: sA[k][m]; +1 keeps the transposed writes apart
+  __shared__ float sB[kBK][kBN];
+  const int tiles_m = cdiv(C, kBM), tiles_n = cdiv(dm, kBN);
+  int64_t blk = blockIdx.x;
+  const int tn = static_cast<int>(blk % tiles_n);
+  blk /= tiles_n;
+  const int tm = static_cast<int>(blk % tiles_m);
+  blk /= tiles_m;
+  const bool grad_k = blk % 2 == 1;
+  const int64_t bh = blk / 2;
+  const int m0 = tm * kBM, n0 = tn * kBN;
+  const float* A = da + bh * C * ld;
+  const T* Bm = (grad_k ? mq : mk) + bh * C * dm;
+  T* out = (grad_k ? dmk : dmq) + bh * C * dm;
+  // dmq rows c need j < c <= m0 + kBM - 1; dmk rows j need c > j >= m0.
+  const int k_begin = grad_k ? m0 : 0, k_end = grad_k ? C : min(C, m0 + kBM);
+
+  const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;  // rows 2tr, 2tr+1; cols tc + 16i
+  float acc[2][4] = {};
+  for (int k0 = k_begin; k0 < k_end; k0 += kBK) {
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kBM * kBK / kThreads; ++i) {
+      const int idx = i * kThreads + tid;
+      // Along the stored row of da in both cases (coalesced): (m, k) = da[m, k] for dmq,
+      // da[k, m] for dmk.
+      const int r = idx / 32, q = idx % 32;
+      const int m = grad_k ? q : r, k = grad_k ? r : q;
+      const int row = grad_k ? k0 + k : m0 + m, col = grad_k ? m0 + m : k0 + k;
+      sA[k][m] = row < C && col < C ? A[(int64_t)row * ld + col] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kBK * kBN / kThreads; ++i) {
+      const int idx = i * kThreads + tid, k = idx / kBN, n = idx % kBN;
+      sB[k][n] = k0 + k < C && n0 + n < dm ? to_f(Bm[(int64_t)(k0 + k) * dm + n0 + n]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < kBK; ++k) {
+      const float a0 = sA[k][2 * tr], a1 = sA[k][2 * tr + 1];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float bv = sB[k][tc + 16 * i];
+        acc[0][i] += a0 * bv;
+        acc[1][i] += a1 * bv;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + 2 * tr + r;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int col = n0 + tc + 16 * i;
+      if (row < C && col < dm) out[(int64_t)row * dm + col] = from_f<T>(acc[r][i]);
+    }
+  }
+}
+
+// da: [bh, C, ld] fp32; mq, mk, dmq, dmk: contiguous [bh, C, dm].
+template <typename T>
+void launch_meta_grads(const float* da, int ld, const T* mq, const T* mk, T* dmq, T* dmk,
+                       int64_t bh, int C, int dm, cudaStream_t stream) {
+  using namespace meta_grads;
+  const int64_t blocks = bh * 2 * cdiv(C, kBM) * cdiv(dm, kBN);
+  if (blocks == 0) return;
+  TORCH_CHECK_VALUE(blocks < (int64_t{1} << 31), "bsbr CUDA kernels: b * h * C * meta dim is too large");
+  meta_grads_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(da, ld, mq, mk, dmq,
+                                                                             dmk, C, dm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace mix
 }  // namespace bsbr_cuda

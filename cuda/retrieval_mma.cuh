@@ -10,7 +10,10 @@
 // it. The product uses hi*hi + hi*lo + lo*hi on bf16 m16n8k16 tensor cores with fp32 accumulation:
 // ~2^-17 relative error per product (the dropped lo*lo and lo's rounding), far below the
 // bf16/fp16 rounding of the op's outputs, with fp32's exponent range (no overflow, no scaling).
-// Outputs are plain fp32.
+// With kALo = false the A operand enters as its hi half only (hi*hi + hi*lo: a third fewer
+// MMAs): the host does that for the retrieval weights P when the op's outputs are bf16, where
+// P's bf16 rounding (2^-9 relative per weight, as FlashAttention rounds P before P V) stays at
+// the outputs' own rounding while the states keep their ~2^-17. Outputs are plain fp32.
 // Tiles: BM x BN per CTA (the host uses 128 x 64 for S and dF, 64 x 64 for dP), 4 warps of
 // WM x WN, BK = 32, 2-stage cp.async pipeline; fragments are read straight from the 32-bit word
 // tiles (two words per k pair, regrouped into hi and lo operand registers by two byte permutes),
@@ -78,7 +81,7 @@ __device__ __forceinline__ void load_tile(float* smem, const float* g, int ld, i
 // MODE 2: A = dS stored [m][k],               B(k, n) = F[n][k] stored [n][k].
 // Three CTAs per SM (<= 168 registers; ptxas took 182 unbounded, which fits two): the kernel
 // waits on its 2-stage pipeline's loads, and a third CTA keeps more of them in flight.
-template <int MODE, int BM, int BN, int WM, int WN>
+template <int MODE, int BM, int BN, int WM, int WN, bool kALo>
 __global__ void __launch_bounds__(WM * WN * 32, 3) mix_kernel(const MixParams p) {
   using Smem = MixSmem<MODE, BM, BN>;
   constexpr int NT = WM * WN * 32;
@@ -197,7 +200,7 @@ __global__ void __launch_bounds__(WM * WN * 32, 3) mix_kernel(const MixParams p)
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NTL; ++nt) {
-          mma16816<__nv_bfloat16>(acc[mt][nt], alo[mt], bhi[nt][0], bhi[nt][1]);
+          if constexpr (kALo) mma16816<__nv_bfloat16>(acc[mt][nt], alo[mt], bhi[nt][0], bhi[nt][1]);
           mma16816<__nv_bfloat16>(acc[mt][nt], ahi[mt], blo[nt][0], blo[nt][1]);
           mma16816<__nv_bfloat16>(acc[mt][nt], ahi[mt], bhi[nt][0], bhi[nt][1]);
         }
@@ -224,10 +227,10 @@ __global__ void __launch_bounds__(WM * WN * 32, 3) mix_kernel(const MixParams p)
       }
 }
 
-template <int MODE, int BM, int BN, int WM, int WN>
+template <int MODE, int BM, int BN, int WM, int WN, bool kALo = true>
 inline void launch_mix(const MixParams& p, cudaStream_t stream) {
   const size_t smem = MixSmem<MODE, BM, BN>::kBytes;
-  auto kernel = mix_kernel<MODE, BM, BN, WM, WN>;
+  auto kernel = mix_kernel<MODE, BM, BN, WM, WN, kALo>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));

@@ -304,19 +304,22 @@ def test_bsbr_attention_fused_head_groups(dtype, groups, state, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d,ds", [(64, 16), (64, 64), (128, 8)])
+@pytest.mark.parametrize("d,ds", [(64, 16), (64, 64), (128, 8), (64, None), (128, None)])
 def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
     """Enough chunks for several (partial) tiles of the tensor-core retrieval products, with and
     without split-K in dP = dS F^T; checked against the fp64 truth and against the cuBLAS fp32
-    retrieval path (BSBR_MIX_FP32=1)."""
+    retrieval path (BSBR_MIX_FP32=1). ds = None omits the states (q_state = q, k_state = k): the
+    dK/dV kernel then adds the chunk-states backward itself, over 4 chunks per 64-row tile."""
     import os
 
     b, h, chunk, w = 1, 2, 16, 5
     n = chunk * 150 - 5  # C = 150 chunks, partial last chunk
     gen = torch.Generator(device=DEV).manual_seed(14)
-    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds or d, chunk, dtype, gen)
+    if ds is None:
+        qs, ks = None, None
     mq, mk = mq * 2, mk * 2  # peakier retrieval weights
-    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    scale, ms, ss = scales(d, mq.shape[-1], ds or d, chunk)
     ss = ss * 8  # make the long-range term a visible part of the output
     out, lse, g, got = check_fused([q, k, v, mq, mk, qs, ks], dtype, gen, chunk, w, scale, ms, ss)
     os.environ["BSBR_MIX_FP32"] = "1"
@@ -329,6 +332,24 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
     for name, a, c in zip(["out"] + FUSED_GRADS, (out, *got), (out32, *got32)):
         err = rel_err(a, c)
         assert err < 1e-2, f"{name}: tensor-core retrieval differs from fp32 retrieval by {err:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state", ["separate", "omitted"])
+def test_bsbr_attention_fused_long_rows(dtype, state):
+    """C = 600 chunks: rows of the retrieval weights longer than the 512 columns that the
+    softmax backward keeps in registers (its second pass), and many row tiles of the meta
+    gradients."""
+    b, h, d, chunk, w = 1, 2, 32, 16, 0
+    ds = 16 if state == "separate" else d
+    n = chunk * 600 - 7
+    gen = torch.Generator(device=DEV).manual_seed(17)
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    if state == "omitted":
+        qs, ks = None, None
+    mq, mk = mq * 2, mk * 2  # peakier retrieval weights
+    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    check_fused([q, k, v, mq, mk, qs, ks], dtype, gen, chunk, w, scale, ms, ss * 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
