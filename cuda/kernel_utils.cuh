@@ -1,11 +1,17 @@
-// Device helpers: element conversions, mma.sync / ldmatrix / cp.async wrappers.
+// Device helpers: element conversions, mma.sync / ldmatrix / cp.async wrappers; and the one
+// launch helper every kernel family shares (allow_dynamic_smem).
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "bsbr_cuda.h"
 
@@ -15,6 +21,25 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 __host__ __device__ inline int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// A kernel launched with over 48 KiB of dynamic shared memory must first be allowed it, per
+// function and device. cudaFuncSetAttribute costs microseconds of host time, and the small-n
+// fused backward is bound by host time, so allow once per (kernel, device): the largest size
+// allowed so far is remembered, and the attribute only ever grows (no thread can shrink it
+// under another's launch).
+template <typename Kernel> inline void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& done = allowed[{key, device}];
+  if (bytes <= done) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(key, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  done = bytes;
+}
 
 template <typename T> __device__ __forceinline__ float to_f(T x);
 template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }

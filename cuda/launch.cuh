@@ -13,14 +13,6 @@
 
 namespace bsbr_cuda {
 
-template <typename Kernel>
-inline void set_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
-}
-
 inline unsigned grid_rows(const AttnParams& p, int rows_per_cta) {
   return static_cast<unsigned>(cdiv(p.n, rows_per_cta)) * static_cast<unsigned>(p.b * p.h);
 }
@@ -37,7 +29,7 @@ template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t
       constexpr int SD = mma::Cfg<D>::SD, BN = mma::Cfg<D>::BN_FWD;
       const size_t smem = (mma::kBM + 4 * BN) * SD * sizeof(T);
       auto kernel = mma::attn_fwd_kernel<T, D>;
-      set_smem(kernel, smem);
+      allow_dynamic_smem(kernel, smem);
       kernel<<<grid_rows(p, mma::kBM), mma::kThreads, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -54,8 +46,8 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
       const size_t smem = (2 * mma::kBM + 4 * BN) * SD * sizeof(T) + 6 * BN * sizeof(float);
       auto kdq = mma::attn_dq_kernel<T, D>;
       auto kdkv = mma::attn_dkv_kernel<T, D>;
-      set_smem(kdq, smem);
-      set_smem(kdkv, smem);
+      allow_dynamic_smem(kdq, smem);
+      allow_dynamic_smem(kdkv, smem);
       kdkv<<<grid_rows(p, mma::kBM), mma::kThreads, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kdq<<<grid_rows(p, mma::kBM), mma::kThreads, smem, stream>>>(p);
@@ -87,7 +79,7 @@ template <typename T, bool kPrep, int D> void run_tokmat(const AttnParams& p, cu
   constexpr int SD = mma::Cfg<D>::SD;
   const size_t smem = (2 * D + 2 * 64) * SD * sizeof(T);
   auto kernel = mma::tokmat_kernel<T, D, kPrep>;
-  set_smem(kernel, smem);
+  allow_dynamic_smem(kernel, smem);
   const unsigned grid = static_cast<unsigned>(cdiv(p.chunk, 64)) * grid_chunks(p);
   kernel<<<grid, mma::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -99,7 +91,7 @@ template <typename T, int D> void run_states_bwd(const AttnParams& p, cudaStream
   }
   const size_t smem = (p.ds * (D + 1) + 2 * aux::kTok * D) * sizeof(float);
   auto kernel = aux::states_bwd_kernel<T, D>;
-  set_smem(kernel, smem);
+  allow_dynamic_smem(kernel, smem);
   kernel<<<grid_chunks(p), aux::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -110,7 +102,7 @@ template <typename T, int D> void run_attn_bwd_prep(const AttnParams& p, cudaStr
   }
   const size_t smem = (p.ds * (D + 1) + aux::kTok * D) * sizeof(float);
   auto kernel = aux::bwd_prep_kernel<T, D>;
-  set_smem(kernel, smem);
+  allow_dynamic_smem(kernel, smem);
   kernel<<<grid_chunks(p), aux::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -215,10 +215,7 @@ inline void launch_meta_probs_dmp(const T* mq, const T* mk, float* P, int64_t bh
                                   int dm, float scale_log2, cudaStream_t stream) {
   const size_t smem = meta::Cfg<DMP>::kSmemElems * sizeof(T);
   auto kernel = meta_probs_mma_kernel<T, DMP>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  allow_dynamic_smem(kernel, smem);
   const int64_t blocks = bh * cdiv(C, meta::kRows);  // <= b*h*n/16 < 2^31 (check_sizes)
   kernel<<<static_cast<unsigned>(blocks), meta::kThreads, smem, stream>>>(mq, mk, P, C, ldp, dm,
                                                                          scale_log2);

@@ -231,10 +231,7 @@ template <int MODE, int BM, int BN, int WM, int WN, bool kALo = true>
 inline void launch_mix(const MixParams& p, cudaStream_t stream) {
   const size_t smem = MixSmem<MODE, BM, BN>::kBytes;
   auto kernel = mix_kernel<MODE, BM, BN, WM, WN, kALo>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  allow_dynamic_smem(kernel, smem);
   const int64_t tiles = (int64_t)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN) * p.splits * p.bh;
   if (tiles == 0) return;
   kernel<<<static_cast<unsigned>(tiles), WM * WN * 32, smem, stream>>>(p);
