@@ -265,13 +265,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
             }
 #pragma unroll
             for (int dd = 0; dd < D / 16; ++dd) {
-              uint32_t b[4];
-              ldsm_x4_t(b, sHi + bkn_off<SD>(lane, kk * 16, dd * 16));
-              mma16816<T>(o[2 * dd], a, b[0], b[1]);
-              mma16816<T>(o[2 * dd + 1], a, b[2], b[3]);
-              ldsm_x4_t(b, sLo + bkn_off<SD>(lane, kk * 16, dd * 16));
-              mma16816<T>(o[2 * dd], a, b[0], b[1]);
-              mma16816<T>(o[2 * dd + 1], a, b[2], b[3]);
+              const int off = bkn_off<SD>(lane, kk * 16, dd * 16);
+              mma_split_b<T, true>(o[2 * dd], o[2 * dd + 1], a, sHi + off, sLo + off);
             }
           }
         }
@@ -595,13 +590,9 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
           ldsm_x4(av, sV + a_off<SD>(lane, warp * 16, kk * 16));
 #pragma unroll
           for (int nn = 0; nn < RS / 16; ++nn) {
-            uint32_t b[4];
-            ldsm_x4(b, sHi + bnk_off<SD>(lane, nn * 16, kk * 16));
-            mma16816<T>(dk[r0 / 8 + 2 * nn], av, b[0], b[1]);
-            mma16816<T>(dk[r0 / 8 + 2 * nn + 1], av, b[2], b[3]);
-            ldsm_x4(b, sLo + bnk_off<SD>(lane, nn * 16, kk * 16));
-            mma16816<T>(dk[r0 / 8 + 2 * nn], av, b[0], b[1]);
-            mma16816<T>(dk[r0 / 8 + 2 * nn + 1], av, b[2], b[3]);
+            const int off = bnk_off<SD>(lane, nn * 16, kk * 16);
+            mma_split_b<T, false>(dk[r0 / 8 + 2 * nn], dk[r0 / 8 + 2 * nn + 1], av, sHi + off,
+                                  sLo + off);
           }
         }
         // dv[:, j] += sum_i k[:, r0 + i] dF[r0 + i, j]
@@ -611,13 +602,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
           ldsm_x4(ak, sK + a_off<SD>(lane, warp * 16, r0 + kk * 16));
 #pragma unroll
           for (int dd = 0; dd < D / 16; ++dd) {
-            uint32_t b[4];
-            ldsm_x4_t(b, sHi + bkn_off<SD>(lane, kk * 16, dd * 16));
-            mma16816<T>(dv[2 * dd], ak, b[0], b[1]);
-            mma16816<T>(dv[2 * dd + 1], ak, b[2], b[3]);
-            ldsm_x4_t(b, sLo + bkn_off<SD>(lane, kk * 16, dd * 16));
-            mma16816<T>(dv[2 * dd], ak, b[0], b[1]);
-            mma16816<T>(dv[2 * dd + 1], ak, b[2], b[3]);
+            const int off = bkn_off<SD>(lane, kk * 16, dd * 16);
+            mma_split_b<T, true>(dv[2 * dd], dv[2 * dd + 1], ak, sHi + off, sLo + off);
           }
         }
       }
@@ -792,13 +778,8 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
 #pragma unroll
     for (int nn = 0; nn < D / 16; ++nn) {
       if (nn * 16 < dsp) {
-        uint32_t b[4];
-        ldsm_x4(b, sMhi + bnk_off<SD>(lane, nn * 16, kk * 16));
-        mma16816<T>(ax[2 * nn], a, b[0], b[1]);
-        mma16816<T>(ax[2 * nn + 1], a, b[2], b[3]);
-        ldsm_x4(b, sMlo + bnk_off<SD>(lane, nn * 16, kk * 16));
-        mma16816<T>(ax[2 * nn], a, b[0], b[1]);
-        mma16816<T>(ax[2 * nn + 1], a, b[2], b[3]);
+        const int off = bnk_off<SD>(lane, nn * 16, kk * 16);
+        mma_split_b<T, false>(ax[2 * nn], ax[2 * nn + 1], a, sMhi + off, sMlo + off);
       }
     }
   }
@@ -853,13 +834,8 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
         ldsm_x4(a, sX + a_off<SD>(lane, r0, kk * 16));
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
-          uint32_t b[4];
-          ldsm_x4_t(b, sMhi + bkn_off<SD>(lane, kk * 16, dd * 16));
-          mma16816<T>(ay[2 * dd], a, b[0], b[1]);
-          mma16816<T>(ay[2 * dd + 1], a, b[2], b[3]);
-          ldsm_x4_t(b, sMlo + bkn_off<SD>(lane, kk * 16, dd * 16));
-          mma16816<T>(ay[2 * dd], a, b[0], b[1]);
-          mma16816<T>(ay[2 * dd + 1], a, b[2], b[3]);
+          const int off = bkn_off<SD>(lane, kk * 16, dd * 16);
+          mma_split_b<T, true>(ay[2 * dd], ay[2 * dd + 1], a, sMhi + off, sMlo + off);
         }
       }
     }

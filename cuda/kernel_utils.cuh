@@ -163,6 +163,27 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
                : "r"(smem_addr(p)));
 }
 
+// acc0, acc1 (the two 8-column halves of a 16-wide n tile) += a * (hi + lo), where hi and lo
+// point at the same 16 x 16 B tile of an fp32 matrix staged as two halves of the input type
+// (stage_split in attn_mma.cuh): ~16 significant bits of the matrix for bf16 instead of 8.
+// kTrans: the tile is stored [k][n] and read through ldmatrix.trans; else [n][k].
+template <typename T, bool kTrans>
+__device__ __forceinline__ void mma_split_b(float* acc0, float* acc1, const uint32_t* a,
+                                            const T* hi, const T* lo) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const T* tile = half == 0 ? hi : lo;
+    uint32_t b[4];
+    if constexpr (kTrans) {
+      ldsm_x4_t(b, tile);
+    } else {
+      ldsm_x4(b, tile);
+    }
+    mma16816<T>(acc0, a, b[0], b[1]);
+    mma16816<T>(acc1, a, b[2], b[3]);
+  }
+}
+
 // ldmatrix.x4 lane addresses (element offsets into a shared tile of row pitch SD elements).
 // A operand (16 rows x 16 cols) at (row0, col0) of a row-major tile.
 template <int SD>
