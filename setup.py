@@ -5,6 +5,7 @@ Environment knobs (all optional):
   BSBR_HEAD_DIMS=32,64,128  CUDA head dims to instantiate (files cuda/instantiations/*_hdim{D}_*.cu).
   BSBR_DTYPES=fp16,bf16,fp32  CUDA dtypes to instantiate (files cuda/instantiations/*_{dtype}.cu).
   TORCH_CUDA_ARCH_LIST      CUDA archs; defaults to 9.0 (Hopper) here instead of every arch.
+                            9.0 is built as 9.0a (sm_90a), which the wgmma kernels need.
   MAX_JOBS                  parallel compile jobs (ninja).
   BSBR_DEBUG=1              -O0 -g, for debugging.
 """
@@ -46,6 +47,11 @@ def want_cuda():
     return found if mode == "auto" else mode == "1"
 
 
+def hopper_arch_specific(arch):
+    """9.0 -> 9.0a (and 9.0+PTX -> 9.0a+PTX); other archs unchanged."""
+    return "9.0a" + arch[3:] if arch in ("9.0", "9.0+PTX") else arch
+
+
 def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -71,7 +77,12 @@ def extension():
         m = pattern.search(path)
         if m is None or (m.group(1) in head_dims and m.group(2) in dtypes):
             sources.append(os.path.relpath(path, ROOT))
-    archs = re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
+    # Hopper is built as sm_90a (its cubin runs on every compute capability 9.0 GPU): the
+    # retrieval's wgmma kernels exist only there.
+    archs = [hopper_arch_specific(a) for a in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"].strip())]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    if any(a.startswith("9.0a") for a in archs):
+        defines.append(("BSBR_WGMMA", None))
     defines += [("BSBR_WITH_CUDA", None), ("BSBR_CUDA_VERSION", torch.version.cuda or "unknown"),
                 ("BSBR_CUDA_ARCHS", "_".join(a.replace(".", "").replace("+", "") for a in archs))]
     defines += [(f"BSBR_HDIM{d}", None) for d in head_dims]

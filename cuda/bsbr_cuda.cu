@@ -25,7 +25,7 @@
 #include "bsbr_cuda.h"
 #include "kernel_utils.cuh"
 #include "meta_probs.cuh"
-#include "retrieval_mma.cuh"
+#include "retrieval_wgmma.cuh"
 
 namespace bsbr_cuda {
 namespace {
@@ -569,6 +569,20 @@ mix::MixParams mix_params(int64_t bh, int64_t C) {
   return mp;
 }
 
+// Whether S = P F and dF = P^T dS run on wgmma (retrieval_wgmma.cuh): the build has sm_90a code
+// (BSBR_WGMMA: TORCH_CUDA_ARCH_LIST with 9.0a, which setup.py and CMake make of 9.0) and the GPU
+// has compute capability 9.0. BSBR_MIX_WGMMA=0 (read per call) keeps them on mma.sync, for
+// cross-checking and A/B timing.
+bool use_wgmma_mix() {
+#ifdef BSBR_WGMMA
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const char* e = std::getenv("BSBR_MIX_WGMMA");
+  return prop->major == 9 && prop->minor == 0 && !(e != nullptr && std::strcmp(e, "0") == 0);
+#else
+  return false;
+#endif
+}
+
 // out = P F (mode 0) or P^T F (mode 1): P and F hold split-bf16 words, out is fp32; F and out
 // are contiguous [bh, C, X]. For bf16 outputs (out_dtype) P enters at bf16 precision, its hi
 // half only (retrieval_mma.cuh: a third fewer MMAs).
@@ -584,8 +598,20 @@ void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out,
   mp.O = out.data_ptr<float>(), mp.o_bh = C * X, mp.ldo = static_cast<int>(X);
   mp.N = static_cast<int>(X), mp.K = static_cast<int>(C);
   auto stream = at::cuda::getCurrentCUDAStream();
-  // 128 x 64 tiles, warps of 64 x 32: each fragment feeds more MMAs than with 64 x 64.
   const bool p_hi_only = out_dtype == at::kBFloat16;
+  if (use_wgmma_mix()) {
+    if (mode == 0 && p_hi_only) {
+      mix::launch_mix_wgmma<0, false>(mp, stream);
+    } else if (mode == 0) {
+      mix::launch_mix_wgmma<0, true>(mp, stream);
+    } else if (p_hi_only) {
+      mix::launch_mix_wgmma<1, false>(mp, stream);
+    } else {
+      mix::launch_mix_wgmma<1, true>(mp, stream);
+    }
+    return;
+  }
+  // 128 x 64 tiles, warps of 64 x 32: each fragment feeds more MMAs than with 64 x 64.
   if (mode == 0 && p_hi_only) {
     mix::launch_mix<0, 128, 64, 2, 2, false>(mp, stream);
   } else if (mode == 0) {

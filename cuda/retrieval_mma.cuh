@@ -76,6 +76,88 @@ __device__ __forceinline__ void load_tile(float* smem, const float* g, int ld, i
   }
 }
 
+// Words of two consecutive k: along a stored row (one 8-byte read) or down two stored rows.
+__device__ __forceinline__ uint2 pair_along(const float* base) {
+  return *reinterpret_cast<const uint2*>(base);
+}
+__device__ __forceinline__ uint2 pair_down(const float* base, int pitch) {
+  return make_uint2(__float_as_uint(base[0]), __float_as_uint(base[pitch]));
+}
+
+// The hi and lo A fragments of rows [r0, r0 + 16) and k [k0, k0 + 16) of an A tile of split
+// words stored [m][k] (kAmk) or [k][m] with row pitch PITCH. The layout is mma.sync m16n8k16's,
+// which is also a warp's share of wgmma's register A: fragment e holds rows r0 + g + 8 (e % 2),
+// k pair k0 + 2t + 8 (e / 2).
+template <bool kAmk, int PITCH>
+__device__ __forceinline__ void load_a_split(const float* as, int r0, int k0, uint32_t (&hi)[4],
+                                             uint32_t (&lo)[4]) {
+  const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int r = r0 + g + 8 * (e % 2), k = k0 + 2 * t + 8 * (e / 2);
+    const uint2 x = kAmk ? pair_along(as + r * PITCH + k) : pair_down(as + k * PITCH + r, PITCH);
+    regroup_words(x.x, x.y, hi[e], lo[e]);
+  }
+}
+
+// A CTA's share of a mixing product: its output tile (m0, n0) of BM x BN, its head's operands,
+// its k tiles [kb, ke) of kBK, and the loads of one stage of the 2-stage pipeline by its NT
+// threads (stage s: A tile at smem + s * A_SIZE, B tile at smem + 2 * A_SIZE + s * B_SIZE; one
+// commit group). Blocks map to (head, split, m tile, n tile), n fastest; mode 0 takes its
+// heaviest row blocks (longest k range) first.
+template <int MODE, int BM, int BN, int NT>
+struct MixTile {
+  using Smem = MixSmem<MODE, BM, BN>;
+  const float* A;
+  const float* B;
+  float* O;
+  int m0, n0, kb, ke;
+
+  __device__ explicit MixTile(const MixParams& p) {
+    const int tiles_n = (p.N + BN - 1) / BN, tiles_m = (p.M + BM - 1) / BM;
+    int64_t blk = blockIdx.x;
+    const int tn = static_cast<int>(blk % tiles_n);
+    blk /= tiles_n;
+    int tm = static_cast<int>(blk % tiles_m);
+    if (MODE == 0) tm = tiles_m - 1 - tm;
+    blk /= tiles_m;
+    const int split = static_cast<int>(blk % p.splits);
+    const int bh = static_cast<int>(blk / p.splits);
+    m0 = tm * BM, n0 = tn * BN;
+    A = p.A + (int64_t)bh * p.a_bh;
+    B = p.B + (int64_t)bh * p.b_bh;
+    O = p.O + (int64_t)bh * p.o_bh + (int64_t)split * p.o_split;
+    int k_begin = 0, k_end = p.K;
+    bool skip = false;
+    if (MODE == 0) k_end = min(p.K, m0 + BM);
+    if (MODE == 1) k_begin = m0;
+    if (MODE == 2) {
+      k_begin = split * p.k_split;
+      k_end = min(p.K, k_begin + p.k_split);
+      skip = n0 >= m0 + BM - 1;  // every (c, j) of the tile has j >= c
+    }
+    kb = k_begin / kBK;
+    ke = skip ? kb : (k_end + kBK - 1) / kBK;
+  }
+
+  __device__ __forceinline__ void load(float* smem, const MixParams& p, int stage, int kt) const {
+    const int k0 = kt * kBK;
+    float* as = smem + stage * Smem::A_SIZE;
+    float* bs = smem + 2 * Smem::A_SIZE + stage * Smem::B_SIZE;
+    if constexpr (Smem::kAmk) {
+      load_tile<BM, kBK, Smem::A_PITCH, NT>(as, A, p.lda, p.a_rows, p.a_cols, m0, k0);
+    } else {
+      load_tile<kBK, BM, Smem::A_PITCH, NT>(as, A, p.lda, p.a_rows, p.a_cols, k0, m0);
+    }
+    if constexpr (Smem::kBkn) {
+      load_tile<kBK, BN, Smem::B_PITCH, NT>(bs, B, p.ldb, p.b_rows, p.b_cols, k0, n0);
+    } else {
+      load_tile<BN, kBK, Smem::B_PITCH, NT>(bs, B, p.ldb, p.b_rows, p.b_cols, n0, k0);
+    }
+    cp_async_commit();
+  }
+};
+
 // MODE 0: A = P stored [m][k] (k contiguous), B = F stored [k][n].
 // MODE 1: A(m, k) = P[k][m] stored [k][m],   B = dS stored [k][n].
 // MODE 2: A = dS stored [m][k],               B(k, n) = F[n][k] stored [n][k].
@@ -93,34 +175,9 @@ __global__ void __launch_bounds__(WM * WN * 32, 3) mix_kernel(const MixParams p)
   constexpr int MT = WTM / 16, NTL = WTN / 8;
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
-  // Stage s: A tile at smem + s * A_SIZE, B tile at smem + 2 * A_SIZE + s * B_SIZE.
 
-  // Block -> (head, split, m tile, n tile); n fastest.
-  const int tiles_n = (p.N + BN - 1) / BN, tiles_m = (p.M + BM - 1) / BM;
-  int64_t blk = blockIdx.x;
-  const int tn = static_cast<int>(blk % tiles_n);
-  blk /= tiles_n;
-  // Heaviest row blocks first for mode 0 (their k range is longest).
-  int tm = static_cast<int>(blk % tiles_m);
-  if (MODE == 0) tm = tiles_m - 1 - tm;
-  blk /= tiles_m;
-  const int split = static_cast<int>(blk % p.splits);
-  const int bh = static_cast<int>(blk / p.splits);
-  const int m0 = tm * BM, n0 = tn * BN;
-
-  const float* A = p.A + (int64_t)bh * p.a_bh;
-  const float* B = p.B + (int64_t)bh * p.b_bh;
-  float* O = p.O + (int64_t)bh * p.o_bh + (int64_t)split * p.o_split;
-
-  int k_begin = 0, k_end = p.K;
-  bool skip = false;
-  if (MODE == 0) k_end = min(p.K, m0 + BM);
-  if (MODE == 1) k_begin = m0;
-  if (MODE == 2) {
-    k_begin = split * p.k_split;
-    k_end = min(p.K, k_begin + p.k_split);
-    skip = n0 >= m0 + BM - 1;  // every (c, j) of the tile has j >= c
-  }
+  const MixTile<MODE, BM, BN, NT> tile(p);
+  const int m0 = tile.m0, n0 = tile.n0, kb = tile.kb, ke = tile.ke;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / WN, wn = warp % WN;
@@ -134,29 +191,7 @@ __global__ void __launch_bounds__(WM * WN * 32, 3) mix_kernel(const MixParams p)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  const int kb = k_begin / BK, ke = skip ? kb : (k_end + BK - 1) / BK;
-  auto load = [&](int stage, int kt) {
-    const int k0 = kt * BK;
-    float* as_dst = smem + stage * A_SIZE;
-    float* bs_dst = smem + 2 * A_SIZE + stage * B_SIZE;
-    if constexpr (kAmk) {
-      load_tile<BM, BK, A_PITCH, NT>(as_dst, A, p.lda, p.a_rows, p.a_cols, m0, k0);
-    } else {
-      load_tile<BK, BM, A_PITCH, NT>(as_dst, A, p.lda, p.a_rows, p.a_cols, k0, m0);
-    }
-    if constexpr (kBkn) {
-      load_tile<BK, BN, B_PITCH, NT>(bs_dst, B, p.ldb, p.b_rows, p.b_cols, k0, n0);
-    } else {
-      load_tile<BN, BK, B_PITCH, NT>(bs_dst, B, p.ldb, p.b_rows, p.b_cols, n0, k0);
-    }
-    cp_async_commit();
-  };
-  // Words of two consecutive k: along a stored row (one 8-byte read) or down two stored rows.
-  auto pair_along = [](const float* base) { return *reinterpret_cast<const uint2*>(base); };
-  auto pair_down = [](const float* base, int pitch) {
-    return make_uint2(__float_as_uint(base[0]), __float_as_uint(base[pitch]));
-  };
-
+  auto load = [&](int stage, int kt) { tile.load(smem, p, stage, kt); };
   if (kb < ke) load(0, kb);
   for (int kt = kb; kt < ke; ++kt) {
     const int st = (kt - kb) & 1;
@@ -171,17 +206,10 @@ __global__ void __launch_bounds__(WM * WN * 32, 3) mix_kernel(const MixParams p)
     const float* bs = smem + 2 * A_SIZE + st * B_SIZE;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      // A fragment e: rows r + 8 * (e % 2), k pair kk + 2t + 8 * (e / 2).
       uint32_t ahi[MT][4], alo[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = wm * WTM + mt * 16 + g + 8 * (e % 2), k = kk + 2 * t + 8 * (e / 2);
-          const uint2 x = kAmk ? pair_along(as + r * A_PITCH + k)
-                               : pair_down(as + k * A_PITCH + r, A_PITCH);
-          regroup_words(x.x, x.y, ahi[mt][e], alo[mt][e]);
-        }
+        load_a_split<kAmk, A_PITCH>(as, wm * WTM + mt * 16, kk, ahi[mt], alo[mt]);
       }
       // B fragment e: column c, k pair kk + 2t + 8e.
       uint32_t bhi[NTL][2], blo[NTL][2];
@@ -223,7 +251,7 @@ __global__ void __launch_bounds__(WM * WN * 32, 3) mix_kernel(const MixParams p)
           if (col >= row) v.x = 0.f;
           if (col + 1 >= row) v.y = 0.f;
         }
-        *reinterpret_cast<float2*>(O + (int64_t)row * p.ldo + col) = v;
+        *reinterpret_cast<float2*>(tile.O + (int64_t)row * p.ldo + col) = v;
       }
 }
 

@@ -328,10 +328,50 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
         got32 = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)
     finally:
         del os.environ["BSBR_MIX_FP32"]
+    # The mma.sync mixing, which GPUs without sm_90a code run; on Hopper the default above is
+    # the wgmma mixing (same products, fp32 sums in another order).
+    os.environ["BSBR_MIX_WGMMA"] = "0"
+    try:
+        out_ms, _ = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
+        got_ms = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)
+    finally:
+        del os.environ["BSBR_MIX_WGMMA"]
     # Same inputs, retrieval in true fp32: the outputs differ by at most a rounding of the dtype.
-    for name, a, c in zip(["out"] + FUSED_GRADS, (out, *got), (out32, *got32)):
+    for name, a, c, m in zip(["out"] + FUSED_GRADS, (out, *got), (out32, *got32), (out_ms, *got_ms)):
         err = rel_err(a, c)
         assert err < 1e-2, f"{name}: tensor-core retrieval differs from fp32 retrieval by {err:.3e}"
+        err = rel_err(m, c)
+        assert err < 1e-2, f"{name}: mma.sync retrieval differs from fp32 retrieval by {err:.3e}"
+
+
+def test_retrieval_mixing_on_wgmma():
+    """On a compute capability 9.0 GPU the fused op's S = P F and dF = P^T dS run on the wgmma
+    kernel (the build compiles Hopper as sm_90a), and on mma.sync with BSBR_MIX_WGMMA=0."""
+    import os
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma mixing runs on compute capability 9.0 only")
+    assert "90a" in bsbr_ext._C.build_info()["cuda_archs"], "Hopper builds must include sm_90a"
+    b, h, n, d, chunk, dtype = 1, 2, 16 * 40, 32, 16, torch.bfloat16
+    gen = torch.Generator(device=DEV).manual_seed(18)
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, dtype, gen)
+    scale, ms, ss = scales(d, mq.shape[-1], d, chunk)
+
+    def mixing_kernels():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, 0, scale, ms, ss)
+            ops._bsbr_attention_bwd(out, q, k, v, mq, mk, qs, ks, out, lse, chunk, 0, scale, ms, ss)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if "mix_" in e.name and "kernel" in e.name]
+
+    names = mixing_kernels()
+    assert sum("mix_wgmma_kernel" in x for x in names) == 3, names  # S twice (fwd, bwd), dF once
+    os.environ["BSBR_MIX_WGMMA"] = "0"
+    try:
+        names = mixing_kernels()
+    finally:
+        del os.environ["BSBR_MIX_WGMMA"]
+    assert names and not any("mix_wgmma_kernel" in x for x in names), names
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
