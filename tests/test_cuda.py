@@ -310,8 +310,6 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
     without split-K in dP = dS F^T; checked against the fp64 truth and against the cuBLAS fp32
     retrieval path (BSBR_MIX_FP32=1). ds = None omits the states (q_state = q, k_state = k): the
     dK/dV kernel then adds the chunk-states backward itself, over 4 chunks per 64-row tile."""
-    import os
-
     b, h, chunk, w = 1, 2, 16, 5
     n = chunk * 150 - 5  # C = 150 chunks, partial last chunk
     gen = torch.Generator(device=DEV).manual_seed(14)
@@ -322,20 +320,17 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
     scale, ms, ss = scales(d, mq.shape[-1], ds or d, chunk)
     ss = ss * 8  # make the long-range term a visible part of the output
     out, lse, g, got = check_fused([q, k, v, mq, mk, qs, ks], dtype, gen, chunk, w, scale, ms, ss)
-    os.environ["BSBR_MIX_FP32"] = "1"
-    try:
-        out32, _ = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
-        got32 = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)
-    finally:
-        del os.environ["BSBR_MIX_FP32"]
+
+    def fused_with(name, value):
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(name, value)
+            o, _ = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
+            return o, ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)
+
+    out32, got32 = fused_with("BSBR_MIX_FP32", "1")
     # The mma.sync mixing, which GPUs without sm_90a code run; on Hopper the default above is
     # the wgmma mixing (same products, fp32 sums in another order).
-    os.environ["BSBR_MIX_WGMMA"] = "0"
-    try:
-        out_ms, _ = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, w, scale, ms, ss)
-        got_ms = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, qs, ks, out, lse, chunk, w, scale, ms, ss)
-    finally:
-        del os.environ["BSBR_MIX_WGMMA"]
+    out_ms, got_ms = fused_with("BSBR_MIX_WGMMA", "0")
     # Same inputs, retrieval in true fp32: the outputs differ by at most a rounding of the dtype.
     for name, a, c, m in zip(["out"] + FUSED_GRADS, (out, *got), (out32, *got32), (out_ms, *got_ms)):
         err = rel_err(a, c)
@@ -344,15 +339,15 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
         assert err < 1e-2, f"{name}: mma.sync retrieval differs from fp32 retrieval by {err:.3e}"
 
 
-def test_retrieval_mixing_on_wgmma():
+def test_retrieval_mixing_on_wgmma(monkeypatch):
     """On a compute capability 9.0 GPU the fused op's S = P F and dF = P^T dS run on the wgmma
     kernel (the build compiles Hopper as sm_90a), and on mma.sync with BSBR_MIX_WGMMA=0."""
-    import os
-
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma mixing runs on compute capability 9.0 only")
     assert "90a" in bsbr_ext._C.build_info()["cuda_archs"], "Hopper builds must include sm_90a"
-    b, h, n, d, chunk, dtype = 1, 2, 16 * 40, 32, 16, torch.bfloat16
+    b, h, n, d, chunk, dtype = 1, 2, 16 * 40, 64, 16, torch.bfloat16
+    if not compiled(dtype, d):
+        pytest.skip(f"{dtype} d={d} is not compiled into this build (BSBR_DTYPES / BSBR_HEAD_DIMS)")
     gen = torch.Generator(device=DEV).manual_seed(18)
     q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, dtype, gen)
     scale, ms, ss = scales(d, mq.shape[-1], d, chunk)
@@ -366,11 +361,8 @@ def test_retrieval_mixing_on_wgmma():
 
     names = mixing_kernels()
     assert sum("mix_wgmma_kernel" in x for x in names) == 3, names  # S twice (fwd, bwd), dF once
-    os.environ["BSBR_MIX_WGMMA"] = "0"
-    try:
-        names = mixing_kernels()
-    finally:
-        del os.environ["BSBR_MIX_WGMMA"]
+    monkeypatch.setenv("BSBR_MIX_WGMMA", "0")
+    names = mixing_kernels()
     assert names and not any("mix_wgmma_kernel" in x for x in names), names
 
 
