@@ -77,14 +77,16 @@ __device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int 
     for (int i = 0; i < kBatch; ++i) {
       const int idx = base + i * kThreads + threadIdx.x;
       if (idx >= total) continue;
+      // 4 elements per thread: one 8-byte store per half (16-bit stores took 4x the wavefronts).
       const int off = (idx / kPerRow) * SD + (idx % kPerRow) * 4;
       const float vs[4] = {val[i].x * scale, val[i].y * scale, val[i].z * scale, val[i].w * scale};
+      float lo[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const T h = from_f<T>(vs[e]);
-        sHi[off + e] = h;
-        sLo[off + e] = from_f<T>(vs[e] - to_f(h));
-      }
+      for (int e = 0; e < 4; ++e) lo[e] = vs[e] - to_f(from_f<T>(vs[e]));
+      *reinterpret_cast<uint2*>(sHi + off) =
+          make_uint2(pack2<T>(vs[0], vs[1]), pack2<T>(vs[2], vs[3]));
+      *reinterpret_cast<uint2*>(sLo + off) =
+          make_uint2(pack2<T>(lo[0], lo[1]), pack2<T>(lo[2], lo[3]));
     }
   }
 }
@@ -254,14 +256,18 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
         for (int kk = 0; kk < D / 16; ++kk) {
           if (kk * 16 < dsp) {
             uint32_t a[4];
-            const int col = kk * 16 + (lane % 4) * 2;
+            if (p.qs_is_q) {  // the Q tile is still in shared memory (zero past n)
+              ldsm_x4(a, sQ + a_off<SD>(lane, warp * 16, kk * 16));
+            } else {
+              const int col = kk * 16 + (lane % 4) * 2;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int row = (i & 1) ? rb : ra;
-              const int cc = col + (i / 2) * 8;
-              a[i] = (row < n && cc < ds)
-                         ? *reinterpret_cast<const uint32_t*>(qsb + (int64_t)row * p.qs_st.n + cc)
-                         : 0u;
+              for (int i = 0; i < 4; ++i) {
+                const int row = (i & 1) ? rb : ra;
+                const int cc = col + (i / 2) * 8;
+                a[i] = (row < n && cc < ds)
+                           ? *reinterpret_cast<const uint32_t*>(qsb + (int64_t)row * p.qs_st.n + cc)
+                           : 0u;
+              }
             }
 #pragma unroll
             for (int dd = 0; dd < D / 16; ++dd) {

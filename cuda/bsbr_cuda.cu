@@ -702,6 +702,7 @@ std::tuple<Tensor, Tensor> attn_fwd_impl(const Tensor& q_, const Tensor& k_, con
   AttnParams p;
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.qs = qs.data_ptr();
   p.q_st = strides_of(q), p.k_st = strides_of(k), p.v_st = strides_of(v), p.qs_st = strides_of(qs);
+  p.qs_is_q = qs.data_ptr() == q.data_ptr() && ds == d && qs.strides() == q.strides();
   p.S = S.data_ptr<float>();
   p.o = out.data_ptr();
   p.lse = lse.data_ptr<float>();

@@ -25,6 +25,9 @@ struct AttnParams {
   const void* dout = nullptr;  // grad of the output
   const void* out = nullptr;   // forward output (backward preprocess)
   Strides q_st, k_st, v_st, qs_st, dout_st, out_st;
+  // Forward: qs is q itself (the omitted q_state): the long-range term reads its A operand from
+  // the Q tile the kernel holds in shared memory instead of loading q_state from global memory.
+  bool qs_is_q = false;
 
   // fp32, contiguous [b, h, C, ds, d]: retrieved states (attention) or chunk-state grads.
   const float* S = nullptr;

@@ -57,16 +57,21 @@ def compiled(dtype: torch.dtype, d: int) -> bool:
     return _COMPILED[(dtype, d)]
 
 
+def skip_unless_compiled(dtype: torch.dtype, d: int) -> None:
+    if not compiled(dtype, d):
+        pytest.skip(f"{dtype} d={d} is not compiled into this build (BSBR_DTYPES / BSBR_HEAD_DIMS)")
+
+
 @pytest.fixture(autouse=True)
 def _skip_uncompiled(request):
+    """Tests with a dtype parameter and a d parameter (default 64); tests that fix another head
+    dim call skip_unless_compiled themselves."""
     callspec = getattr(request.node, "callspec", None)
     params = callspec.params if callspec is not None else {}
     dtype = params.get("dtype")
     if dtype is None or request.node.originalname == "test_block_retrieval":  # cuBLAS only
         return
-    d = params.get("d", 64)
-    if not compiled(dtype, d):
-        pytest.skip(f"{dtype} d={d} is not compiled into this build (BSBR_DTYPES / BSBR_HEAD_DIMS)")
+    skip_unless_compiled(dtype, params.get("d", 64))
 
 
 def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -346,8 +351,7 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
         pytest.skip("the wgmma mixing runs on compute capability 9.0 only")
     assert "90a" in bsbr_ext._C.build_info()["cuda_archs"], "Hopper builds must include sm_90a"
     b, h, n, d, chunk, dtype = 1, 2, 16 * 40, 64, 16, torch.bfloat16
-    if not compiled(dtype, d):
-        pytest.skip(f"{dtype} d={d} is not compiled into this build (BSBR_DTYPES / BSBR_HEAD_DIMS)")
+    skip_unless_compiled(dtype, d)
     gen = torch.Generator(device=DEV).manual_seed(18)
     q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, dtype, gen)
     scale, ms, ss = scales(d, mq.shape[-1], d, chunk)
@@ -373,6 +377,7 @@ def test_bsbr_attention_fused_long_rows(dtype, state):
     softmax backward keeps in registers (its second pass), and many row tiles of the meta
     gradients."""
     b, h, d, chunk, w = 1, 2, 32, 16, 0
+    skip_unless_compiled(dtype, d)
     ds = 16 if state == "separate" else d
     n = chunk * 600 - 7
     gen = torch.Generator(device=DEV).manual_seed(17)
@@ -391,6 +396,7 @@ def test_bsbr_attention_fused_meta_dims(dtype, dm):
     meta dims 32 / 64 / 128 / 256 (dm % 8 == 0, dm <= 256; 12 and 264 take the cuBLAS-logits
     fallback); 70 chunks make two row blocks, the second with a partial tile."""
     b, h, d, ds, chunk, w = 1, 2, 32, 16, 16, 3
+    skip_unless_compiled(dtype, d)
     n = chunk * 70 - 3
     gen = torch.Generator(device=DEV).manual_seed(16)
     q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen, dm=dm)
