@@ -599,27 +599,26 @@ void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out,
   mp.N = static_cast<int>(X), mp.K = static_cast<int>(C);
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool p_hi_only = out_dtype == at::kBFloat16;
-  if (use_wgmma_mix()) {
-    if (mode == 0 && p_hi_only) {
-      mix::launch_mix_wgmma<0, false>(mp, stream);
-    } else if (mode == 0) {
-      mix::launch_mix_wgmma<0, true>(mp, stream);
-    } else if (p_hi_only) {
-      mix::launch_mix_wgmma<1, false>(mp, stream);
-    } else {
-      mix::launch_mix_wgmma<1, true>(mp, stream);
+  const bool wgmma = use_wgmma_mix();
+  auto launch = [&](auto mode_tag, auto a_lo_tag) {
+    constexpr int kMode = decltype(mode_tag)::value;
+    constexpr bool kALo = decltype(a_lo_tag)::value;
+    if (wgmma) {
+      mix::launch_mix_wgmma<kMode, kALo>(mp, stream);
+    } else {  // 128 x 64 tiles, warps of 64 x 32: each fragment feeds more MMAs than with 64 x 64
+      mix::launch_mix<kMode, 128, 64, 2, 2, kALo>(mp, stream);
     }
-    return;
-  }
-  // 128 x 64 tiles, warps of 64 x 32: each fragment feeds more MMAs than with 64 x 64.
+  };
+  using Mode0 = std::integral_constant<int, 0>;
+  using Mode1 = std::integral_constant<int, 1>;
   if (mode == 0 && p_hi_only) {
-    mix::launch_mix<0, 128, 64, 2, 2, false>(mp, stream);
+    launch(Mode0{}, std::false_type{});
   } else if (mode == 0) {
-    mix::launch_mix<0, 128, 64, 2, 2, true>(mp, stream);
+    launch(Mode0{}, std::true_type{});
   } else if (p_hi_only) {
-    mix::launch_mix<1, 128, 64, 2, 2, false>(mp, stream);
+    launch(Mode1{}, std::false_type{});
   } else {
-    mix::launch_mix<1, 128, 64, 2, 2, true>(mp, stream);
+    launch(Mode1{}, std::true_type{});
   }
 }
 
