@@ -57,10 +57,11 @@ __device__ __forceinline__ void split_b_tile(const float* bs, __nv_bfloat16* hi,
     const int k = (idx / (8 * kQuads)) * 8 + idx % 8, q = (idx / 8) % kQuads;
     const uint4 w = *reinterpret_cast<const uint4*>(bs + k * PITCH + q * 4);
     const int off = ((k / 8) * (BN / 8) + q / 2) * 64 + (k % 8) * 8 + (q % 2) * 4;
-    *reinterpret_cast<uint2*>(hi + off) =
-        make_uint2(__byte_perm(w.x, w.y, 0x5410), __byte_perm(w.z, w.w, 0x5410));
-    *reinterpret_cast<uint2*>(lo + off) =
-        make_uint2(__byte_perm(w.x, w.y, 0x7632), __byte_perm(w.z, w.w, 0x7632));
+    uint2 h, l;
+    regroup_words(w.x, w.y, h.x, l.x);
+    regroup_words(w.z, w.w, h.y, l.y);
+    *reinterpret_cast<uint2*>(hi + off) = h;
+    *reinterpret_cast<uint2*>(lo + off) = l;
   }
 }
 
