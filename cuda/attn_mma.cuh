@@ -56,13 +56,14 @@ __device__ __forceinline__ void load_rows(T* s, const T* base, int64_t stride_n,
 }
 
 // Stages scale * M for an fp32 [ds, D] matrix M (rows [ds, dsp) as zeros) as hi + lo halves of T
-// in shared memory ([dsp][SD] each; hi = round(x), lo = round(x - hi)). Each thread issues
-// kBatch 16-byte loads before it converts any: one load per step left the kernels waiting a
-// full memory round trip per step (ncu: latency-bound, low occupancy).
-template <typename T, int D>
-__device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int ds, int dsp,
-                                            float scale) {
-  constexpr int SD = Cfg<D>::SD, kPerRow = D / 4, kBatch = 8;
+// in shared memory (hi = round(x), lo = round(x - hi)); at(r, col) is the element offset of
+// columns col .. col + 3 of row r in both tiles. Each thread issues kBatch 16-byte loads before it
+// converts any: one load per step left the kernels waiting a full memory round trip per step
+// (ncu: latency-bound, low occupancy).
+template <typename T, int D, int kBatch, typename At>
+__device__ __forceinline__ void stage_split_at(T* sHi, T* sLo, const float* M, int ds, int dsp,
+                                               float scale, At at) {
+  constexpr int kPerRow = D / 4;
   const int total = dsp * kPerRow;
   for (int base = 0; base < total; base += kBatch * kThreads) {
     float4 val[kBatch];
@@ -78,7 +79,7 @@ __device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int 
       const int idx = base + i * kThreads + threadIdx.x;
       if (idx >= total) continue;
       // 4 elements per thread: one 8-byte store per half (16-bit stores took 4x the wavefronts).
-      const int off = (idx / kPerRow) * SD + (idx % kPerRow) * 4;
+      const int off = at(idx / kPerRow, (idx % kPerRow) * 4);
       const float vs[4] = {val[i].x * scale, val[i].y * scale, val[i].z * scale, val[i].w * scale};
       float lo[4];
 #pragma unroll
@@ -88,6 +89,136 @@ __device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int 
       *reinterpret_cast<uint2*>(sLo + off) =
           make_uint2(pack2<T>(lo[0], lo[1]), pack2<T>(lo[2], lo[3]));
     }
+  }
+}
+
+// stage_split_at into [dsp][SD] tiles (rows padded as everywhere in this file).
+template <typename T, int D>
+__device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int ds, int dsp,
+                                            float scale) {
+  stage_split_at<T, D, 8>(sHi, sLo, M, ds, dsp, scale,
+                          [](int r, int col) { return r * Cfg<D>::SD + col; });
+}
+
+// The forward's epilogue reads the retrieved states S_c of the CTA's chunks (16 KiB per chunk at
+// d = 64, 64 KiB at 128); fetching them into L2 when the CTA starts hides that DRAM latency
+// behind the window loop.
+template <int D>
+__device__ __forceinline__ void prefetch_states(const AttnParams& p, int bh, int c_first,
+                                                int c_last) {
+  const char* s0 = reinterpret_cast<const char*>(p.S + ((int64_t)bh * p.num_chunks + c_first) * p.ds * D);
+  const int bytes = (c_last - c_first + 1) * p.ds * D * static_cast<int>(sizeof(float));
+  for (int off = threadIdx.x * 128; off < bytes; off += kThreads * 128) prefetch_l2(s0 + off);
+}
+
+// One key tile of the forward's online softmax for a warp's rows ra and ra + 8, with S = Q K^T in
+// the m16n8 accumulator layout (s[j][e]: row ra (+8 for e >= 2), key n0 + 8 j + 2 (lane % 4)
+// (+1 for odd e)): masks keys outside [lo_w, row] or past n, updates the running max m_r (log2
+// units) and sum l_r, rescales o to the new max, and leaves P = exp2(s - max) in s.
+template <int NT, int DT>
+__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&o)[DT][4],
+                                             float (&m_r)[2], float (&l_r)[2], int n0, int ra,
+                                             int lo_w, int n, float sl2) {
+  const int lane = threadIdx.x % 32, rb = ra + 8;
+  float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+  for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = e < 2 ? ra : rb;
+      const int key = n0 + jj * 8 + (lane % 4) * 2 + (e & 1);
+      const bool valid = key <= row && key >= lo_w && key < n;
+      s[jj][e] = valid ? s[jj][e] * sl2 : -INFINITY;
+      mx[e / 2] = fmaxf(mx[e / 2], s[jj][e]);
+    }
+  }
+  float mu[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    mu[i] = mx[i] == -INFINITY ? 0.f : mx[i];  // row fully masked so far: stay at zero
+    const float alpha = exp2f(m_r[i] - mu[i]);
+    m_r[i] = mx[i];
+    l_r[i] *= alpha;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][2 * i] *= alpha;
+      o[dt][2 * i + 1] *= alpha;
+    }
+  }
+#pragma unroll
+  for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[jj][e] = exp2f(s[jj][e] - mu[e / 2]);
+      l_r[e / 2] += s[jj][e];
+    }
+  }
+}
+
+// P's A fragment for keys [16 kk, 16 kk + 16) of the tile (the FlashAttention-2 register trick).
+template <typename T, int NT>
+__device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[NT][4], int kk) {
+  a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// o /= the softmax sum of its row (0 for a row with no key).
+template <int DT>
+__device__ __forceinline__ void normalize_rows(float (&o)[DT][4], float (&l_r)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+    const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][2 * i] *= inv;
+      o[dt][2 * i + 1] *= inv;
+    }
+  }
+}
+
+// The forward's outputs of rows ra and ra + 8 (those < n) of head bh: out (D = 8 DT columns) and
+// the log-sum-exp.
+template <typename T, int DT>
+__device__ __forceinline__ void store_rows(const AttnParams& p, const float (&o)[DT][4],
+                                           const float (&m_r)[2], const float (&l_r)[2], int bh,
+                                           int ra) {
+  constexpr int D = 8 * DT;
+  const int n = p.n, lane = threadIdx.x % 32;
+  T* ob = static_cast<T*>(p.o) + (int64_t)bh * n * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = ra + 8 * i;
+    if (row < n) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        *reinterpret_cast<uint32_t*>(ob + (int64_t)row * D + col) =
+            pack2<T>(o[dt][2 * i], o[dt][2 * i + 1]);
+      }
+      if (lane % 4 == 0)
+        p.lse[(int64_t)bh * n + row] = l_r[i] > 0.f ? (m_r[i] + log2f(l_r[i])) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// The A fragment (mma.sync layout) of rows ra, ra + 8 and columns [k0, k0 + 16) of a [n, ds]
+// strided matrix, straight from global memory; outside [0, n) x [0, ds) reads as 0.
+template <typename T>
+__device__ __forceinline__ void load_a_global(uint32_t (&a)[4], const T* base, int64_t stride_n,
+                                              int ra, int k0, int n, int ds) {
+  const int col = k0 + (threadIdx.x % 4) * 2;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = ra + 8 * (i & 1), cc = col + (i / 2) * 8;
+    a[i] = (row < n && cc < ds)
+               ? *reinterpret_cast<const uint32_t*>(base + (int64_t)row * stride_n + cc)
+               : 0u;
   }
 }
 
@@ -110,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
   const bool warp_ok = tw < n;
   const int cw = min(tw, n - 1) / B;
   const int lo_w = max(0, cw * B - w);
-  const int ra = tw + lane / 4, rb = ra + 8;
+  const int ra = tw + lane / 4;
 
   const T* qb = head_ptr<T>(p.q, p.q_st, bi, hi);
   const T* kb = head_ptr<T>(p.k, p.k_st, bi, hi);
@@ -122,14 +253,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
   load_rows<T, D, BN>(sK, kb, p.k_st.n, kv_lo, n);
   load_rows<T, D, BN>(sV, vb, p.v_st.n, kv_lo, n);
   cp_async_commit();
-  // The epilogue reads the retrieved states S_c of this CTA's chunks (16 KiB per chunk at d = 64,
-  // 64 KiB at 128); fetching them into L2 now hides that DRAM latency behind the window loop.
   const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
-  {
-    const char* s0 = reinterpret_cast<const char*>(p.S + ((int64_t)bh * p.num_chunks + c_first) * p.ds * D);
-    const int bytes = (c_last - c_first + 1) * p.ds * D * static_cast<int>(sizeof(float));
-    for (int off = threadIdx.x * 128; off < bytes; off += kThreads * 128) prefetch_l2(s0 + off);
-  }
+  prefetch_states<D>(p, bh, c_first, c_last);
 
   float o[DT][4];
 #pragma unroll
@@ -171,46 +296,11 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
           mma16816<T>(s[2 * nn + 1], qf[kk], b[2], b[3]);
         }
       }
-      float mx[2] = {m_r[0], m_r[1]};
-#pragma unroll
-      for (int jj = 0; jj < NT; ++jj) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = e < 2 ? ra : rb;
-          const int key = n0 + jj * 8 + (lane % 4) * 2 + (e & 1);
-          const bool valid = key <= row && key >= lo_w && key < n;
-          s[jj][e] = valid ? s[jj][e] * sl2 : -INFINITY;
-          mx[e / 2] = fmaxf(mx[e / 2], s[jj][e]);
-        }
-      }
-      float mu[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        mu[i] = mx[i] == -INFINITY ? 0.f : mx[i];  // row fully masked so far: stay at zero
-        const float alpha = exp2f(m_r[i] - mu[i]);
-        m_r[i] = mx[i];
-        l_r[i] *= alpha;
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          o[dt][2 * i] *= alpha;
-          o[dt][2 * i + 1] *= alpha;
-        }
-      }
-#pragma unroll
-      for (int jj = 0; jj < NT; ++jj) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[jj][e] = exp2f(s[jj][e] - mu[e / 2]);
-          l_r[e / 2] += s[jj][e];
-        }
-      }
+      softmax_tile(s, o, m_r, l_r, n0, ra, lo_w, n, sl2);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                         pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                         pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        uint32_t a[4];
+        p_fragment<T>(a, s, kk);
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           uint32_t b[4];
@@ -223,17 +313,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
     __syncthreads();
   }
 
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
-    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
-    const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      o[dt][2 * i] *= inv;
-      o[dt][2 * i + 1] *= inv;
-    }
-  }
+  normalize_rows(o, l_r);
 
   // Long-range term o += state_scale * qs S_c on tensor cores. S_c is fp32; it is split as
   // hi + lo in T (hi = round(S), lo = round(S - hi)) so the product keeps ~16 (bf16) / ~22 (fp16)
@@ -259,15 +339,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
             if (p.qs_is_q) {  // the Q tile is still in shared memory (zero past n)
               ldsm_x4(a, sQ + a_off<SD>(lane, warp * 16, kk * 16));
             } else {
-              const int col = kk * 16 + (lane % 4) * 2;
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const int row = (i & 1) ? rb : ra;
-                const int cc = col + (i / 2) * 8;
-                a[i] = (row < n && cc < ds)
-                           ? *reinterpret_cast<const uint32_t*>(qsb + (int64_t)row * p.qs_st.n + cc)
-                           : 0u;
-              }
+              load_a_global(a, qsb, p.qs_st.n, ra, kk * 16, n, ds);
             }
 #pragma unroll
             for (int dd = 0; dd < D / 16; ++dd) {
@@ -280,21 +352,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
     }
   }
 
-  T* ob = static_cast<T*>(p.o) + (int64_t)bh * n * D;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = i == 0 ? ra : rb;
-    if (row < n) {
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        *reinterpret_cast<uint32_t*>(ob + (int64_t)row * D + col) =
-            pack2<T>(o[dt][2 * i], o[dt][2 * i + 1]);
-      }
-      if (lane % 4 == 0)
-        p.lse[(int64_t)bh * n + row] = l_r[i] > 0.f ? (m_r[i] + log2f(l_r[i])) * kLn2 : -INFINITY;
-    }
-  }
+  store_rows<T>(p, o, m_r, l_r, bh, ra);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,9 +450,8 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
       }
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                         pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                         pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        uint32_t a[4];
+        p_fragment<T>(a, s, kk);
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           uint32_t b[4];

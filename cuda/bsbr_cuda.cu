@@ -572,19 +572,23 @@ mix::MixParams mix_params(int64_t bh, int64_t C) {
   return mp;
 }
 
-// Whether S = P F and dF = P^T dS run on wgmma (retrieval_wgmma.cuh): the build has sm_90a code
-// (BSBR_WGMMA: TORCH_CUDA_ARCH_LIST with 9.0a, which setup.py and CMake make of 9.0) and the GPU
-// has compute capability 9.0. BSBR_MIX_WGMMA=0 (read per call) keeps them on mma.sync, for
-// cross-checking and A/B timing.
-bool use_wgmma_mix() {
+// Whether a Hopper wgmma kernel may run: the build has sm_90a code (BSBR_WGMMA:
+// TORCH_CUDA_ARCH_LIST with 9.0a, which setup.py and CMake make of 9.0), the GPU has compute
+// capability 9.0, and the environment variable `off_switch` (read per call) is not "0", which
+// keeps the mma.sync kernels, for cross-checking and A/B timing.
+bool use_wgmma(const char* off_switch) {
 #ifdef BSBR_WGMMA
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const char* e = std::getenv("BSBR_MIX_WGMMA");
+  const char* e = std::getenv(off_switch);
   return prop->major == 9 && prop->minor == 0 && !(e != nullptr && std::strcmp(e, "0") == 0);
 #else
+  (void)off_switch;
   return false;
 #endif
 }
+
+// S = P F and dF = P^T dS (retrieval_wgmma.cuh).
+bool use_wgmma_mix() { return use_wgmma("BSBR_MIX_WGMMA"); }
 
 // out = P F (mode 0) or P^T F (mode 1): P and F hold split-bf16 words, out is fp32; F and out
 // are contiguous [bh, C, X]. For bf16 outputs (out_dtype) P enters at bf16 precision, its hi
@@ -711,6 +715,7 @@ std::tuple<Tensor, Tensor> attn_fwd_impl(const Tensor& q_, const Tensor& k_, con
   p.b = b, p.h = h, p.n = n, p.ds = ds, p.chunk = chunk, p.overlap = overlap, p.num_chunks = C;
   p.scale = static_cast<float>(scale), p.state_scale = static_cast<float>(state_scale);
   p.simt = simt;
+  p.wgmma = !simt && (d == 64 || d == 128) && use_wgmma("BSBR_ATTN_WGMMA");  // attn_wgmma.cuh
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
     run_attn_fwd<decltype(t), decltype(dim)::value>(p, stream);

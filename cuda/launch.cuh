@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "attn_mma.cuh"
+#include "attn_wgmma.cuh"
 #include "attn_simt.cuh"
 #include "aux_kernels.cuh"
 
@@ -24,6 +25,16 @@ inline unsigned grid_chunks(const AttnParams& p) {
 template <typename T> constexpr bool kHasMma = !std::is_same<T, float>::value;
 
 template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t stream) {
+  if constexpr (kHasMma<T> && (D == 64 || D == 128)) {
+    if (!p.simt && p.wgmma) {
+      const size_t smem = wg::kSmemBytes<T, D>;
+      auto kernel = wg::attn_fwd_kernel<T, D>;
+      allow_dynamic_smem(kernel, smem);
+      kernel<<<grid_rows(p, wg::kBM), wg::kThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   if constexpr (kHasMma<T>) {
     if (!p.simt) {
       constexpr int SD = mma::Cfg<D>::SD, BN = mma::Cfg<D>::BN_FWD;

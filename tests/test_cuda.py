@@ -371,6 +371,43 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6]])
+@pytest.mark.parametrize("state", ["separate", "q"])
+def test_attention_forward_on_wgmma(dtype, d, cfg, state, monkeypatch):
+    """On a compute capability 9.0 GPU the attention forward at d = 64 / 128 runs on the wgmma kernel
+    (attn_wgmma.cuh), on mma.sync with BSBR_ATTN_WGMMA=0. Both are checked against the fp64 truth
+    by the tests above (whichever the GPU runs); here they must also agree with each other to a
+    rounding of the dtype, for chunks narrower than the 64-row tile (B = 16: several chunks per
+    tile), overlap, q_state = q (read from the Q tile) and a separate q_state with ds < d."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma attention runs on compute capability 9.0 only")
+    b, h, n, chunk, w = cfg
+    ds = 24 if state == "separate" else d
+    gen = torch.Generator(device=DEV).manual_seed(19)
+    q, k, v, qs, _, _, _, R = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    if state == "q":
+        qs = q
+    scale, _, ss = scales(d, 1, ds, chunk)
+    ss = ss * 8  # make the long-range term a visible part of the output
+
+    def forward():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out, lse = ops._chunk_attention_fwd(q, k, v, qs, R, chunk, w, scale, ss)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "attn_fwd_kernel" in e.name]
+        return out, lse, names
+
+    out, lse, names = forward()
+    assert names and all("wg::attn_fwd_kernel" in x for x in names), names
+    monkeypatch.setenv("BSBR_ATTN_WGMMA", "0")
+    out_ms, lse_ms, names = forward()
+    assert names and not any("wg::attn_fwd_kernel" in x for x in names), names
+    assert rel_err(out, out_ms) < 1e-2, f"wgmma and mma.sync forward differ by {rel_err(out, out_ms):.3e}"
+    assert (lse - lse_ms).abs().max().item() <= 1e-5 * max(1.0, lse_ms.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state", ["separate", "omitted"])
 def test_bsbr_attention_fused_long_rows(dtype, state):
     """C = 600 chunks: rows of the retrieval weights longer than the 512 columns that the

@@ -1,0 +1,275 @@
+// Chunk attention forward on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a), head dims 64 and
+// 128, fp16 / bf16: the same algorithm, tiles and numerics as mma::attn_fwd_kernel (attn_mma.cuh),
+// with the products fed differently. Under mma.sync every warp read all of each K and V tile
+// through ldmatrix (4 warps: 4x the tile in shared-memory reads) and held Q's fragments in
+// registers. Here the CTA is one warpgroup: S = Q K^T takes both operands from shared memory,
+// O += P V takes P from registers (the S accumulator, as in FlashAttention-2) and V from shared
+// memory; each tile is read once per warpgroup and Q needs no registers.
+//
+// Tiles live in shared memory in wgmma's 128-byte swizzled layout: an [R][D] tile is D / 64
+// column blocks of [R][64], rows of 64 elements (128 bytes), 16-byte chunk c of row r at chunk
+// c ^ (r % 8), 8-row atoms of 1 KiB on 1 KiB boundaries. A cp.async of one global 128-byte row then fills one 128-byte smem row (a
+// no-swizzle core-matrix layout would scatter it over 8 core matrices: Run 10).
+//
+// The wgmma accumulator of m64nNk16 gives warp w rows 16w .. 16w + 15 in mma.sync's m16n8
+// fragment layout (d[4j + e]: row g (+8 for e >= 2), cols 8j + 2t (+1)), and the register A
+// operand has mma.sync's A layout: the softmax and the epilogue are mma::attn_fwd_kernel's.
+//
+// Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); the host launches it only on a
+// compute capability 9.0 GPU of a build with sm_90a code (AttnParams::wgmma, bsbr_cuda.cu).
+#pragma once
+
+#include "attn_mma.cuh"
+
+namespace bsbr_cuda {
+namespace wg {
+
+constexpr int kThreads = 128;  // one warpgroup
+constexpr int kBM = 64;        // query rows per CTA (the warpgroup's M)
+constexpr int kBN = 64;        // keys per tile
+// Shared memory: Q, then 2 stages of K, then 2 of V ([64][D] each); plus 1 KiB to align the
+// start to an atom.
+template <typename T, int D>
+constexpr size_t kSmemBytes = 5 * 64 * D * sizeof(T) + 1024;
+// CTAs per SM: shared memory allows 5 at D = 64 (4 by registers, 128 each: more spilled), 2 at 128.
+template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 2;
+
+// Element offset of 8-element chunk c (counted across the D columns) of row r in a swizzled
+// [R][D] tile.
+template <int R>
+__device__ __forceinline__ int sw(int r, int c) {
+  return (c / 8) * R * 64 + r * 64 + (((c % 8) ^ (r & 7)) << 3);
+}
+
+// Async copy of rows [r0, r0 + 64) of a [n, D] strided matrix into a swizzled tile; rows
+// outside [0, n) read as 0.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* s, const T* base, int64_t stride_n, int r0, int n) {
+  constexpr int CPR = D / 8;
+#pragma unroll
+  for (int i = 0; i < 64 * CPR / kThreads; ++i) {
+    const int idx = i * kThreads + threadIdx.x, r = idx / CPR, c = idx % CPR;
+    const int t = r0 + r;
+    const bool ok = t >= 0 && t < n;
+    cp_async16(s + sw<64>(r, c), ok ? base + (int64_t)t * stride_n + c * 8 : base, ok);
+  }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Descriptor of a swizzled tile at `p` (128-byte swizzle): 8-row groups 1024 bytes apart. The
+// other offset only matters for operands wider than one swizzle row, which these are not; it is
+// set to the same 1024 so that either reading of the two fields gives the 8-row stride.
+__device__ __forceinline__ uint64_t sw_desc(const void* p) {
+  const uint32_t a = smem_addr(p);
+  return static_cast<uint64_t>((a & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+#define BSBR_WG_D32                                                                             \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),           \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),   \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),             \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),             \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define BSBR_WG_OUT32                                                                           \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// d (64 x 64 fp32) += A (64 x 16, K-major tile at desc_a) * B (16 x 64, K-major tile at desc_b):
+// S = Q K^T with Q and K both stored [row][dim].
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BSBR_WG_OUT32
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : BSBR_WG_D32
+                 : "l"(desc_a), "l"(desc_b), "n"(1));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " BSBR_WG_OUT32
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : BSBR_WG_D32
+                 : "l"(desc_a), "l"(desc_b), "n"(1));
+  }
+}
+
+// d (64 x 64 fp32) += a (64 x 16, registers in mma.sync's A layout) * B (16 x 64, MN-major tile
+// at desc_b, i.e. stored [k][n]: V as [key][dim], the states as [state dim][dim]).
+template <typename T>
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BSBR_WG_OUT32
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : BSBR_WG_D32
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " BSBR_WG_OUT32
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : BSBR_WG_D32
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
+  }
+}
+#undef BSBR_WG_D32
+#undef BSBR_WG_OUT32
+
+#endif
+
+// A 64 x 64 fp32 block of an m16n8 accumulator array (o: columns 64 nb .., s: all of it) as the
+// 32 registers of a warpgroup's m64n64 accumulator: the two layouts are the same.
+template <int N>
+__device__ __forceinline__ float (&acc64(float (&a)[N][4], int nb))[32] {
+  return *reinterpret_cast<float(*)[32]>(&a[8 * nb][0]);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NB = D / 64;  // 64-column blocks of the output
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
+  T* sK = sQ + kBM * D;        // [2][64][D]
+  T* sV = sK + 2 * kBN * D;    // [2][64][D]
+
+  const int ntile = cdiv(p.n, kBM);
+  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
+  const int bi = bh / p.h, hi = bh % p.h;
+  const int n = p.n, B = p.chunk, w = p.overlap;
+  const int m0 = tile * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tw = m0 + warp * 16;  // 16 | B, so a warp's rows share one chunk
+  const bool warp_ok = tw < n;
+  const int cw = min(tw, n - 1) / B;
+  const int lo_w = max(0, cw * B - w);
+  const int ra = tw + lane / 4;
+
+  const T* kb = mma::head_ptr<T>(p.k, p.k_st, bi, hi);
+  const T* vb = mma::head_ptr<T>(p.v, p.v_st, bi, hi);
+  const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + kBM);
+  const int nkv = cdiv(kv_hi - kv_lo, kBN);
+
+  load_tile<T, D>(sQ, mma::head_ptr<T>(p.q, p.q_st, bi, hi), p.q_st.n, m0, n);
+  load_tile<T, D>(sK, kb, p.k_st.n, kv_lo, n);
+  load_tile<T, D>(sV, vb, p.v_st.n, kv_lo, n);
+  cp_async_commit();
+  const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
+  mma::prefetch_states<D>(p, bh, c_first, c_last);
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+  const float sl2 = p.scale * kLog2e;
+
+  for (int j = 0; j < nkv; ++j) {
+    const int n0 = kv_lo + j * kBN;
+    if (j + 1 < nkv) {
+      const int st = (j + 1) & 1;
+      load_tile<T, D>(sK + st * kBN * D, kb, p.k_st.n, n0 + kBN, n);
+      load_tile<T, D>(sV + st * kBN * D, vb, p.v_st.n, n0 + kBN, n);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const T* sKs = sK + (j & 1) * kBN * D;
+    const T* sVs = sV + (j & 1) * kBN * D;
+
+    // S = Q K^T. A k step of 16 dims is 32 bytes along a swizzled row (2 in the descriptor's
+    // 16-byte units), 4 steps per 64-column block.
+    float s[kBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int blk = kk / 4, step = 2 * (kk % 4);
+      wgmma_ss<T>(acc64(s, 0), sw_desc(sQ + blk * kBM * 64) + step,
+                  sw_desc(sKs + blk * kBN * 64) + step);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc64(s, 0));
+
+    mma::softmax_tile(s, o, m_r, l_r, n0, ra, lo_w, n, sl2);
+    uint32_t a[kBN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) mma::p_fragment<T>(a[kk], s, kk);
+    // O += P V: a k step of 16 keys is two 8-row atoms (2048 bytes).
+    wgmma_fence();
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_rs<T>(acc64(o, nb), a[kk], sw_desc(sVs + nb * kBN * 64) + (2048 >> 4) * kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(o, nb));
+    fence_operands(a);
+    __syncthreads();  // every read of this stage is done before it is refilled
+  }
+
+  mma::normalize_rows(o, l_r);
+
+  // Long-range term o += state_scale * qs S_c (mma::attn_fwd_kernel: S_c split hi + lo), with
+  // S_c's halves as swizzled [D][D] tiles in the K stages (hi) and after them (lo: the second K
+  // stage at D = 64, the V stages at 128). Loads in flight per thread while staging: 8 float4 at
+  // D = 64 (one batch for the 16 KiB of S_c), 16 at D = 128 (two batches for 64 KiB; 216
+  // registers, no spill, still 2 CTAs per SM). The warpgroup issues the product for every chunk
+  // its rows meet (several when B is not a multiple of 64); a warp whose rows are in another
+  // chunk enters with A = 0.
+  {
+    const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
+    const T* qsb = mma::head_ptr<T>(p.qs, p.qs_st, bi, hi);
+    T* sHi = sK;
+    T* sLo = sK + D * D;
+    for (int c = c_first; c <= c_last; ++c) {
+      __syncthreads();
+      mma::stage_split_at<T, D, D == 128 ? 16 : 8>(
+          sHi, sLo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp, p.state_scale,
+          [](int r, int col) { return sw<D>(r, col / 8) + col % 8; });
+      fence_proxy_async();
+      __syncthreads();
+      const bool mine = warp_ok && cw == c;
+      uint32_t a[D / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        if (p.qs_is_q) {  // the Q tile is still in shared memory (zero past n)
+          ldsm_x4(a[kk], sQ + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
+        } else {
+          mma::load_a_global(a[kk], qsb, p.qs_st.n, ra, kk * 16, n, ds);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[kk][i] = mine ? a[kk][i] : 0u;
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        const uint64_t hi_desc = sw_desc(sHi + nb * D * 64), lo_desc = sw_desc(sLo + nb * D * 64);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          if (kk * 16 < dsp) {
+            wgmma_rs<T>(acc64(o, nb), a[kk], hi_desc + (2048 >> 4) * kk);
+            wgmma_rs<T>(acc64(o, nb), a[kk], lo_desc + (2048 >> 4) * kk);
+          }
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(o, nb));
+      fence_operands(a);
+    }
+  }
+
+  mma::store_rows<T>(p, o, m_r, l_r, bh, ra);
+#endif
+}
+
+}  // namespace wg
+}  // namespace bsbr_cuda
