@@ -8,8 +8,9 @@
 //
 // Tiles live in shared memory in wgmma's 128-byte swizzled layout: an [R][D] tile is D / 64
 // column blocks of [R][64], rows of 64 elements (128 bytes), 16-byte chunk c of row r at chunk
-// c ^ (r % 8), 8-row atoms of 1 KiB on 1 KiB boundaries. A cp.async of one global 128-byte row then fills one 128-byte smem row (a
-// no-swizzle core-matrix layout would scatter it over 8 core matrices: Run 10).
+// c ^ (r % 8), 8-row atoms of 1 KiB on 1 KiB boundaries. A cp.async of one global 128-byte row then
+// fills one 128-byte smem row (a no-swizzle core-matrix layout would scatter it over 8 core
+// matrices: Run 10).
 //
 // The wgmma accumulator of m64nNk16 gives warp w rows 16w .. 16w + 15 in mma.sync's m16n8
 // fragment layout (d[4j + e]: row g (+8 for e >= 2), cols 8j + 2t (+1)), and the register A
