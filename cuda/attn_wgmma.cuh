@@ -35,13 +35,6 @@ constexpr size_t kSmemBytes = 5 * 64 * D * sizeof(T) + 1024;
 // CTAs per SM: shared memory allows 5 at D = 64 (4 by registers, 128 each: more spilled), 2 at 128.
 template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 2;
 
-// Element offset of 8-element chunk c (counted across the D columns) of row r in a swizzled
-// [R][D] tile.
-template <int R>
-__device__ __forceinline__ int sw(int r, int c) {
-  return (c / 8) * R * 64 + r * 64 + (((c % 8) ^ (r & 7)) << 3);
-}
-
 // Async copy of rows [r0, r0 + 64) of a [n, D] strided matrix into a swizzled tile; rows
 // outside [0, n) read as 0.
 template <typename T, int D>
@@ -56,67 +49,6 @@ __device__ __forceinline__ void load_tile(T* s, const T* base, int64_t stride_n,
   }
 }
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Descriptor of a swizzled tile at `p` (128-byte swizzle): 8-row groups 1024 bytes apart. The
-// other offset only matters for operands wider than one swizzle row, which these are not; it is
-// set to the same 1024 so that either reading of the two fields gives the 8-row stride.
-__device__ __forceinline__ uint64_t sw_desc(const void* p) {
-  const uint32_t a = smem_addr(p);
-  return static_cast<uint64_t>((a & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (uint64_t{1} << 62);
-}
-
-#define BSBR_WG_D32                                                                             \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),           \
-      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),   \
-      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),             \
-      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),             \
-      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define BSBR_WG_OUT32                                                                           \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-
-// d (64 x 64 fp32) += A (64 x 16, K-major tile at desc_a) * B (16 x 64, K-major tile at desc_b):
-// S = Q K^T with Q and K both stored [row][dim].
-template <typename T>
-__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BSBR_WG_OUT32
-                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : BSBR_WG_D32
-                 : "l"(desc_a), "l"(desc_b), "n"(1));
-  } else {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " BSBR_WG_OUT32
-                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : BSBR_WG_D32
-                 : "l"(desc_a), "l"(desc_b), "n"(1));
-  }
-}
-
-// d (64 x 64 fp32) += a (64 x 16, registers in mma.sync's A layout) * B (16 x 64, MN-major tile
-// at desc_b, i.e. stored [k][n]: V as [key][dim], the states as [state dim][dim]).
-template <typename T>
-__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BSBR_WG_OUT32
-                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-                 : BSBR_WG_D32
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
-  } else {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " BSBR_WG_OUT32
-                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-                 : BSBR_WG_D32
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
-  }
-}
-#undef BSBR_WG_D32
-#undef BSBR_WG_OUT32
-
-#endif
 
 // A 64 x 64 fp32 block of an m16n8 accumulator array (o: columns 64 nb .., s: all of it) as the
 // 32 registers of a warpgroup's m64n64 accumulator: the two layouts are the same.
@@ -206,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_rs<T>(acc64(o, nb), a[kk], sw_desc(sVs + nb * kBN * 64) + (2048 >> 4) * kk);
+        wgmma_rs<T, true>(acc64(o, nb), a[kk], sw_desc(sVs + nb * kBN * 64) + (2048 >> 4) * kk);
     wgmma_commit();
     wgmma_wait<0>();
 #pragma unroll
@@ -255,8 +187,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           if (kk * 16 < dsp) {
-            wgmma_rs<T>(acc64(o, nb), a[kk], hi_desc + (2048 >> 4) * kk);
-            wgmma_rs<T>(acc64(o, nb), a[kk], lo_desc + (2048 >> 4) * kk);
+            wgmma_rs<T, true>(acc64(o, nb), a[kk], hi_desc + (2048 >> 4) * kk);
+            wgmma_rs<T, true>(acc64(o, nb), a[kk], lo_desc + (2048 >> 4) * kk);
           }
         }
       }

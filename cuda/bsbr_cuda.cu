@@ -590,13 +590,84 @@ bool use_wgmma(const char* off_switch) {
 // S = P F and dF = P^T dS (retrieval_wgmma.cuh).
 bool use_wgmma_mix() { return use_wgmma("BSBR_MIX_WGMMA"); }
 
+// P's split words [rows][Cp] -> its hi and lo halves as bf16 planes [rows][ldp] (ldp >= Cp, a
+// multiple of 8 so that every row starts 16-byte aligned), zero in columns [Cp, ldp).
+__global__ void p_planes_kernel(const uint32_t* __restrict__ P, __nv_bfloat16* __restrict__ hi,
+                                __nv_bfloat16* __restrict__ lo, int64_t rows, int Cp, int ldp) {
+  const int quads = ldp / 4;
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= rows * quads) return;
+  const int64_t r = i / quads;
+  const int c = static_cast<int>(i % quads) * 4;
+  uint4 w = make_uint4(0, 0, 0, 0);
+  if (c < Cp) w = *reinterpret_cast<const uint4*>(P + r * Cp + c);
+  const int64_t o = r * ldp + c;
+  *reinterpret_cast<uint2*>(hi + o) =
+      make_uint2(__byte_perm(w.x, w.y, 0x5410), __byte_perm(w.z, w.w, 0x5410));
+  if (lo != nullptr) {
+    *reinterpret_cast<uint2*>(lo + o) =
+        make_uint2(__byte_perm(w.x, w.y, 0x7632), __byte_perm(w.z, w.w, 0x7632));
+  }
+}
+
+// The weights P (split words [bh, C, Cp]) as the wgmma mixing reads them: bf16 planes
+// [1 or 2, bh * C, ldp] of their hi halves, and their lo halves unless the outputs are bf16 (P
+// then enters at bf16 precision, its hi half only: retrieval_mma.cuh). Undefined where the mixing
+// runs on mma.sync, which reads the words.
+Tensor weight_planes(const Tensor& P, at::ScalarType out_dtype) {
+  if (!use_wgmma_mix()) return Tensor();
+  const int64_t rows = P.size(0) * P.size(1), Cp = P.size(2), ldp = (P.size(1) + 7) / 8 * 8;
+  const bool hi_only = out_dtype == at::kBFloat16;
+  Tensor planes = at::empty({hi_only ? 1 : 2, rows, ldp}, P.options().dtype(at::kBFloat16));
+  auto* hi = reinterpret_cast<__nv_bfloat16*>(planes.data_ptr());
+  const int64_t quads = rows * (ldp / 4);
+  if (quads > 0) {
+    p_planes_kernel<<<static_cast<unsigned>((quads + 255) / 256), 256, 0,
+                      at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const uint32_t*>(P.data_ptr<float>()), hi,
+        hi_only ? nullptr : hi + rows * ldp, rows, static_cast<int>(Cp), static_cast<int>(ldp));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return planes;
+}
+
 // out = P F (mode 0) or P^T F (mode 1): P and F hold split-bf16 words, out is fp32; F and out
 // are contiguous [bh, C, X]. For bf16 outputs (out_dtype) P enters at bf16 precision, its hi
-// half only (retrieval_mma.cuh: a third fewer MMAs).
-void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out,
-                at::ScalarType out_dtype) {
+// half only (retrieval_mma.cuh: a third fewer MMAs). planes (weight_planes(P, out_dtype)): the
+// wgmma mixing (retrieval_wgmma.cuh); undefined: mma.sync.
+void mix_states(int mode, const Tensor& P, const Tensor& planes, const Tensor& F,
+                const Tensor& out, at::ScalarType out_dtype) {
   const int64_t bh = P.size(0), C = P.size(1), Cp = P.size(2);
   const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool p_hi_only = out_dtype == at::kBFloat16;
+  using Mode0 = std::integral_constant<int, 0>;
+  using Mode1 = std::integral_constant<int, 1>;
+  auto dispatch_mode = [&](auto launch) {
+    if (mode == 0 && p_hi_only) {
+      launch(Mode0{}, std::false_type{});
+    } else if (mode == 0) {
+      launch(Mode0{}, std::true_type{});
+    } else if (p_hi_only) {
+      launch(Mode1{}, std::false_type{});
+    } else {
+      launch(Mode1{}, std::true_type{});
+    }
+  };
+  if (planes.defined()) {
+    TORCH_INTERNAL_ASSERT(planes.size(0) == (p_hi_only ? 1 : 2) && planes.size(1) == bh * C);
+    mix::MixTParams mp;
+    mp.W = F.data_ptr<float>();
+    mp.p_hi = reinterpret_cast<const __nv_bfloat16*>(planes.data_ptr());
+    mp.p_lo = p_hi_only ? nullptr : mp.p_hi + planes.stride(0);
+    mp.O = out.data_ptr<float>();
+    mp.C = static_cast<int>(C), mp.X = static_cast<int>(X);
+    mp.ldp = static_cast<int>(planes.size(2)), mp.bh = static_cast<int>(bh);
+    dispatch_mode([&](auto mode_tag, auto a_lo_tag) {
+      mix::launch_mix_t_wgmma<decltype(mode_tag)::value, decltype(a_lo_tag)::value>(mp, stream);
+    });
+    return;
+  }
   mix::MixParams mp = mix_params(bh, C);
   mp.A = P.data_ptr<float>(), mp.a_bh = C * Cp, mp.lda = static_cast<int>(Cp);
   mp.a_rows = static_cast<int>(C), mp.a_cols = static_cast<int>(Cp);
@@ -604,39 +675,21 @@ void mix_states(int mode, const Tensor& P, const Tensor& F, const Tensor& out,
   mp.b_rows = static_cast<int>(C), mp.b_cols = static_cast<int>(X);
   mp.O = out.data_ptr<float>(), mp.o_bh = C * X, mp.ldo = static_cast<int>(X);
   mp.N = static_cast<int>(X), mp.K = static_cast<int>(C);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const bool p_hi_only = out_dtype == at::kBFloat16;
-  const bool wgmma = use_wgmma_mix();
-  auto launch = [&](auto mode_tag, auto a_lo_tag) {
-    constexpr int kMode = decltype(mode_tag)::value;
-    constexpr bool kALo = decltype(a_lo_tag)::value;
-    if (wgmma) {
-      mix::launch_mix_wgmma<kMode, kALo>(mp, stream);
-    } else {  // 128 x 64 tiles, warps of 64 x 32: each fragment feeds more MMAs than with 64 x 64
-      mix::launch_mix<kMode, 128, 64, 2, 2, kALo>(mp, stream);
-    }
-  };
-  using Mode0 = std::integral_constant<int, 0>;
-  using Mode1 = std::integral_constant<int, 1>;
-  if (mode == 0 && p_hi_only) {
-    launch(Mode0{}, std::false_type{});
-  } else if (mode == 0) {
-    launch(Mode0{}, std::true_type{});
-  } else if (p_hi_only) {
-    launch(Mode1{}, std::false_type{});
-  } else {
-    launch(Mode1{}, std::true_type{});
-  }
+  // 128 x 64 tiles, warps of 64 x 32: each fragment feeds more MMAs than with 64 x 64
+  dispatch_mode([&](auto mode_tag, auto a_lo_tag) {
+    mix::launch_mix<decltype(mode_tag)::value, 128, 64, 2, 2, decltype(a_lo_tag)::value>(mp,
+                                                                                         stream);
+  });
 }
 
 // The retrieved states R = P F (fp32) of the fused op with outputs of out_dtype: on tensor cores
-// when the padded weights P are given (use_tc_mix; P and F then hold split-bf16 words), else
-// through the cuBLAS retrieval from the meta tensors.
-Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& meta_q, const Tensor& meta_k,
-                double meta_scale, at::ScalarType out_dtype) {
+// when the padded weights P are given (use_tc_mix; P and F then hold split-bf16 words; planes as
+// in mix_states), else through the cuBLAS retrieval from the meta tensors.
+Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& planes, const Tensor& meta_q,
+                const Tensor& meta_k, double meta_scale, at::ScalarType out_dtype) {
   if (!P.defined()) return block_retrieval_fwd(meta_q, meta_k, F, meta_scale);
   Tensor R = at::empty_like(F, at::MemoryFormat::Contiguous);
-  mix_states(0, P, F, R, out_dtype);
+  mix_states(0, P, planes, F, R, out_dtype);
   return R;
 }
 
@@ -869,7 +922,8 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
     const bool tc = use_tc_mix(q, meta_q);
     Tensor states = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/tc);
     const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
-    R = retrieve(states, P, meta_q, meta_k, meta_scale, q.scalar_type());
+    const Tensor planes = tc ? weight_planes(P, q.scalar_type()) : Tensor();
+    R = retrieve(states, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
   }
   return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);
 }
@@ -910,7 +964,9 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
   // buffers in all: F (later overwritten by dF) and R (later by dR).
   // On the tensor-core path F and dR are split-bf16 words (the mixing's operand format).
   Tensor F = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/P.defined());
-  Tensor R = retrieve(F, P, meta_q, meta_k, meta_scale, q.scalar_type());
+  // The weights' planes serve both of the group's wgmma products (S = P F, dF = P^T dS).
+  Tensor planes = P.defined() ? weight_planes(P, q.scalar_type()) : Tensor();
+  Tensor R = retrieve(F, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
   AttnBackward bwd(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap, scale,
                    state_scale, g);
   Tensor dR = bwd.preprocess(/*dR_into_S=*/true, /*dR_split=*/P.defined());
@@ -918,7 +974,9 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
   if (P.defined()) {
     const int64_t C = P.size(1);
     auto [dP, splits] = mix_scores(dR, F, C);  // dP = dS F^T (j < c)
-    mix_states(1, P, dR, F, q.scalar_type());  // dF = P^T dS, into F's buffer (dead after dP)
+    // dF = P^T dS, into F's buffer (dead after dP)
+    mix_states(1, P, planes, dR, F, q.scalar_type());
+    planes = Tensor();
     dR = Tensor();
     // da = meta_scale * P * (dP - rowsum(P * dP)) into P (its last use).
     const int64_t Cp = dP.size(3), rows = P.size(0) * C;

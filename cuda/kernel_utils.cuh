@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "bsbr_cuda.h"
@@ -152,6 +153,15 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// wgmma's 128-byte swizzled layout of an [R][D] tile of 16-bit elements: D / 64 column blocks of
+// [R][64], rows of 64 elements (128 bytes), 16-byte chunk c of row r at chunk c ^ (r % 8), 8-row
+// atoms of 1 KiB on 1 KiB boundaries. The element offset of 8-element chunk c (counted across the
+// D columns) of row r:
+template <int R>
+__device__ __forceinline__ int sw(int r, int c) {
+  return (c / 8) * R * 64 + r * 64 + (((c % 8) ^ (r & 7)) << 3);
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Hopper warpgroup MMA (wgmma, sm_90a only): the ordering around a batch of wgmma.mma_async.
 __device__ __forceinline__ void wgmma_fence() {
@@ -179,6 +189,69 @@ template <int N> __device__ __forceinline__ void fence_operands(uint32_t (&r)[N]
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
 }
+
+// Descriptor of a swizzled tile at `p` (128-byte swizzle): 8-row groups 1024 bytes apart. The
+// other offset only matters for operands wider than one swizzle row, which these are not; it is
+// set to the same 1024 so that either reading of the two fields gives the 8-row stride.
+__device__ __forceinline__ uint64_t sw_desc(const void* p) {
+  const uint32_t a = smem_addr(p);
+  return static_cast<uint64_t>((a & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+#define BSBR_WG_D32                                                                             \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),           \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),   \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),             \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),             \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define BSBR_WG_OUT32                                                                           \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// d (64 x 64 fp32) += A (64 x 16, K-major tile at desc_a) * B (16 x 64, K-major tile at desc_b):
+// S = Q K^T with Q and K both stored [row][dim].
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BSBR_WG_OUT32
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : BSBR_WG_D32
+                 : "l"(desc_a), "l"(desc_b), "n"(1));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " BSBR_WG_OUT32
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : BSBR_WG_D32
+                 : "l"(desc_a), "l"(desc_b), "n"(1));
+  }
+}
+
+// d (64 x 64 fp32) += a (64 x 16, registers in mma.sync's A layout) * B (16 x 64 at desc_b):
+// kTransB, B is MN-major (stored [k][n]: V as [key][dim], the states as [state dim][dim]); else
+// K-major (stored [n][k]).
+template <typename T, bool kTransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BSBR_WG_OUT32
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                 : BSBR_WG_D32
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1),
+                   "n"(kTransB ? 1 : 0));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " BSBR_WG_OUT32
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                 : BSBR_WG_D32
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1),
+                   "n"(kTransB ? 1 : 0));
+  }
+}
+#undef BSBR_WG_D32
+#undef BSBR_WG_OUT32
+
 #endif
 
 __device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {

@@ -4,7 +4,9 @@
 // mq, mk: contiguous [bh, C, dm] fp16/bf16; P: [bh, C, ldp] of split-bf16 words (split_word in
 // kernel_utils.cuh), the form the tensor-core mixing reads, so no later pass re-splits P.
 // A CTA of 4 warps owns 64 rows c of one head (16 per warp, FlashAttention-style: the mq tile is
-// the A operand, mk streams through a 2-stage cp.async pipeline in tiles of 64 rows j). The
+// the A operand, mk streams through a 2-stage cp.async pipeline in tiles of up to 256 rows j,
+// each used as sub-tiles of 64: the kernel is latency-bound, 8 CTAs of one head's C = 512 rows
+// each walk their row's tiles twice, so few large stages beat many small ones). The
 // normalisation needs the whole row before any weight can be written, so pass 1 keeps the online
 // row max and sum and pass 2 recomputes the logits and writes the weights: recomputing a 64-wide
 // tile is cheaper than a round trip of the logits through global memory.
@@ -23,16 +25,15 @@ namespace meta {
 
 constexpr int kThreads = 128;
 constexpr int kRows = 64;  // rows c per CTA
-constexpr int kCols = 64;  // rows j per mk tile
+constexpr int kCols = 64;  // rows j per mk sub-tile (one pass of the warp's logits)
 
 // Meta dim padded to a multiple of 16 for the k steps; DMP is one of a few compiled widths.
 template <int DMP> struct Cfg {
   static constexpr int SD = DMP + 8;  // +16 bytes: ldmatrix's 8 row reads hit distinct banks
-  static constexpr size_t kSmemElems = (kRows + 2 * kCols) * SD;  // mq tile + 2 mk stages
-  // CTAs per SM for __launch_bounds__: what shared memory allows at DMP >= 128; below, the most
-  // whose register cap still compiles without spills (sm_90; unbounded, ptxas took 108-122
-  // registers at DMP = 64, i.e. 4 CTAs).
-  static constexpr int kMinBlocks = DMP == 256 ? 2 : DMP == 128 ? 4 : DMP == 64 ? 5 : 6;
+  static constexpr int kLoadRows = DMP <= 64 ? 256 : DMP == 128 ? 128 : 64;  // mk rows per stage
+  static constexpr size_t kSmemElems = (kRows + 2 * kLoadRows) * SD;  // mq tile + 2 mk stages
+  // CTAs per SM for __launch_bounds__: what shared memory allows (46-101 KiB per CTA).
+  static constexpr int kMinBlocks = DMP == 32 ? 4 : 2;
 };
 
 // Async copy of rows [r0, r0 + ROWS) of a contiguous [n, dm] matrix into a [ROWS, DMP] tile; rows
@@ -62,10 +63,11 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
     meta_probs_mma_kernel(const T* __restrict__ mq, const T* __restrict__ mk,
                           float* __restrict__ P, int C, int ldp, int dm, float scale_log2) {
   constexpr int SD = meta::Cfg<DMP>::SD, BM = meta::kRows, BN = meta::kCols;
+  constexpr int BL = meta::Cfg<DMP>::kLoadRows;
   constexpr int NT = BN / 8, KT = DMP / 16;
   extern __shared__ float4 meta_smem[];
   T* sQ = reinterpret_cast<T*>(meta_smem);  // [BM][SD]
-  T* sK = sQ + BM * SD;                     // [2][BN][SD]
+  T* sK = sQ + BM * SD;                     // [2][BL][SD]
 
   // Row block rb needs rb + 1 mk tiles: a head's heaviest blocks first (as mix_kernel mode 0);
   // the head stays the slow index so concurrent CTAs share their mk tiles in L2.
@@ -81,11 +83,12 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
   const T* kb = mk + bh * C * dm;
   uint32_t* Pw = reinterpret_cast<uint32_t*>(P) + bh * C * ldp;
 
-  // j < c <= r0 + 63 < r0 + BN: tiles j0 = 0, BN, ..., r0. The pipeline runs through them twice
-  // (pass 1, then pass 2), so pass 2's first tile loads while pass 1's last one is in use.
-  const int nt = rb + 1, steps = 2 * nt;
+  // j < c <= r0 + 63 < r0 + BN: sub-tiles j0 = 0, BN, ..., r0, in load tiles of BL rows. The
+  // pipeline runs through them twice (pass 1, then pass 2), so pass 2's first tile loads while
+  // pass 1's last one is in use.
+  const int nt = cdiv(r0 + BN, BL), steps = 2 * nt;
   meta::load_rows<T, DMP, BM>(sQ, qb, r0, C, dm);
-  meta::load_rows<T, DMP, BN>(sK, kb, 0, C, dm);
+  meta::load_rows<T, DMP, BL>(sK, kb, 0, C, dm);
   cp_async_commit();
 
   // Columns [r0 + BN, ldp) of this CTA's rows are all zero (torch.empty gives garbage): written
@@ -106,7 +109,7 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
 
   for (int it = 0; it < steps; ++it) {
     if (it + 1 < steps) {
-      meta::load_rows<T, DMP, BN>(sK + ((it + 1) & 1) * BN * SD, kb, ((it + 1) % nt) * BN, C, dm);
+      meta::load_rows<T, DMP, BL>(sK + ((it + 1) & 1) * BL * SD, kb, ((it + 1) % nt) * BL, C, dm);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -119,85 +122,88 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
         ldsm_x4(qf[kk], sQ + a_off<SD>(lane, warp * 16, kk * 16));
     }
     const bool pass2 = it >= nt;
-    const int j0 = (pass2 ? it - nt : it) * BN;
-    const T* sKs = sK + (it & 1) * BN * SD;
-
-    // s = logits * scale_log2 for j < c, -inf elsewhere. Column groups entirely at or right of
-    // the warp's last row (only on the diagonal tile j0 = r0) are masked out without an mma.
-    float s[NT][4];
+    if (it == nt) {
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    if (warp_ok) {
+      for (int i = 0; i < 2; ++i) {
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+        inv[i] = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;  // row c = 0: no weight, all zeros
+      }
+    }
+#pragma unroll 1
+    for (int sub = 0; sub < BL / BN; ++sub) {
+      const int j0 = (pass2 ? it - nt : it) * BL + sub * BN;
+      if (j0 > r0) break;  // columns from r0 + BN on were zeroed above
+      const T* sKs = sK + (it & 1) * BL * SD + sub * BN * SD;
+      // s = logits * scale_log2 for j < c, -inf elsewhere. Column groups entirely at or right of
+      // the warp's last row (only on the diagonal tile j0 = r0) are masked out without an mma.
+      float s[NT][4];
 #pragma unroll
-      for (int kk = 0; kk < KT; ++kk) {
+      for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      if (warp_ok) {
 #pragma unroll
-        for (int nn = 0; nn < BN / 16; ++nn) {
-          if (j0 + nn * 16 < rw + 15) {
-            uint32_t b[4];
-            ldsm_x4(b, sKs + bnk_off<SD>(lane, nn * 16, kk * 16));
-            mma16816<T>(s[2 * nn], qf[kk], b[0], b[1]);
-            mma16816<T>(s[2 * nn + 1], qf[kk], b[2], b[3]);
+        for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+          for (int nn = 0; nn < BN / 16; ++nn) {
+            if (j0 + nn * 16 < rw + 15) {
+              uint32_t b[4];
+              ldsm_x4(b, sKs + bnk_off<SD>(lane, nn * 16, kk * 16));
+              mma16816<T>(s[2 * nn], qf[kk], b[0], b[1]);
+              mma16816<T>(s[2 * nn + 1], qf[kk], b[2], b[3]);
+            }
           }
         }
       }
-    }
 #pragma unroll
-    for (int jj = 0; jj < NT; ++jj) {
+      for (int jj = 0; jj < NT; ++jj) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = e < 2 ? ra : rbw;
-        const int col = j0 + jj * 8 + (lane % 4) * 2 + (e & 1);
-        s[jj][e] = col < row ? s[jj][e] * scale_log2 : -INFINITY;  // row < C implies col < C
+        for (int e = 0; e < 4; ++e) {
+          const int row = e < 2 ? ra : rbw;
+          const int col = j0 + jj * 8 + (lane % 4) * 2 + (e & 1);
+          s[jj][e] = col < row ? s[jj][e] * scale_log2 : -INFINITY;  // row < C implies col < C
+        }
       }
-    }
 
-    if (!pass2) {
-      if (warp_ok) {
-        float mx[2] = {m_r[0], m_r[1]};
-#pragma unroll
-        for (int jj = 0; jj < NT; ++jj) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[jj][e]);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-          // No valid entry yet: keep max -inf and sum 0 (subtracting 0 avoids -inf - -inf).
-          const float base = mx[i] == -INFINITY ? 0.f : mx[i];
-          l_r[i] *= exp2f(m_r[i] - base);
-          m_r[i] = mx[i];
-          mu[i] = base;
-        }
-#pragma unroll
-        for (int jj = 0; jj < NT; ++jj) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) l_r[e / 2] += exp2f(s[jj][e] - mu[e / 2]);
-        }
-      }
-    } else {
-      if (it == nt) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
-          l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
-          inv[i] = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;  // row c = 0: no weight, all zeros
-        }
-      }
-      // Masked entries give exp2(-inf) = 0, so j >= c and the padding columns store word 0.
-      // Pairs never straddle ldp: col and ldp are both even.
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int row = i == 0 ? ra : rbw;
-        if (row < C) {
-          uint32_t* prow = Pw + (int64_t)row * ldp;
+      if (!pass2) {
+        if (warp_ok) {
+          float mx[2] = {m_r[0], m_r[1]};
 #pragma unroll
           for (int jj = 0; jj < NT; ++jj) {
-            const int col = j0 + jj * 8 + (lane % 4) * 2;
-            if (col < ldp) {
-              const float p0 = exp2f(s[jj][2 * i] - mu[i]) * inv[i];
-              const float p1 = exp2f(s[jj][2 * i + 1] - mu[i]) * inv[i];
-              *reinterpret_cast<uint2*>(prow + col) = make_uint2(split_word(p0), split_word(p1));
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[jj][e]);
+          }
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            // No valid entry yet: keep max -inf and sum 0 (subtracting 0 avoids -inf - -inf).
+            const float base = mx[i] == -INFINITY ? 0.f : mx[i];
+            l_r[i] *= exp2f(m_r[i] - base);
+            m_r[i] = mx[i];
+            mu[i] = base;
+          }
+#pragma unroll
+          for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) l_r[e / 2] += exp2f(s[jj][e] - mu[e / 2]);
+          }
+        }
+      } else {
+        // Masked entries give exp2(-inf) = 0, so j >= c and the padding columns store word 0.
+        // Pairs never straddle ldp: col and ldp are both even.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int row = i == 0 ? ra : rbw;
+          if (row < C) {
+            uint32_t* prow = Pw + (int64_t)row * ldp;
+#pragma unroll
+            for (int jj = 0; jj < NT; ++jj) {
+              const int col = j0 + jj * 8 + (lane % 4) * 2;
+              if (col < ldp) {
+                const float p0 = exp2f(s[jj][2 * i] - mu[i]) * inv[i];
+                const float p1 = exp2f(s[jj][2 * i + 1] - mu[i]) * inv[i];
+                *reinterpret_cast<uint2*>(prow + col) = make_uint2(split_word(p0), split_word(p1));
+              }
             }
           }
         }

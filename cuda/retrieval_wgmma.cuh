@@ -1,13 +1,22 @@
-// Retrieval mixing products S = P F (mode 0) and dF = P^T dS (mode 1) on Hopper's warpgroup
-// MMA (wgmma.mma_async, sm_90a), for the fused op with fp16/bf16 inputs. Same operands (split
-// words, retrieval_mma.cuh), same products (hi*hi + hi*lo, and lo*hi unless kALo is false), fp32
-// accumulation; only the order of the fp32 additions inside the tensor cores differs from
-// mix_kernel. What changes is how the tensor cores are fed: under mma.sync every warp read and
-// regrouped its own B fragments and issued one m16n8k16 per 8 columns (tensor pipe 32-37%
-// active, stall `wait`). Here a CTA of two warpgroups owns a 128 x 128 tile; each stage's B tile
-// of split words is split once, by the whole CTA, into bf16 hi and lo planes in wgmma's
-// no-swizzle N-major layout, and each warpgroup issues m64n128k16 wgmmas with its 64 rows of P
-// from registers (the mma.sync A layout) and B from those planes.
+// Retrieval mixing products S = P F (mode 0) and dF = P^T dS (mode 1) on Hopper's warpgroup MMA
+// (wgmma.mma_async, sm_90a), for the fused op with fp16/bf16 inputs: the same products as
+// mix_kernel (retrieval_mma.cuh: hi*hi + hi*lo, and lo*hi unless kALo is false; fp32
+// accumulation), computed transposed so that nothing is regrouped in shared memory:
+//   mode 0:  S^T  = F^T P^T     A(x, j) = F[j][x],  B(j, c) = P[c][j]   (B K-major)
+//   mode 1:  dF^T = dS^T P      A(x, c) = dS[c][x], B(c, j) = P[c][j]   (B MN-major)
+// The states (F, dS: split words, [C][X] per head, X = ds * d) are the A operand: each thread
+// turns the two words of a k pair into its hi and lo operand registers with two byte permutes,
+// and a wgmma takes A from registers. The weights enter as bf16 planes of P's hi (and lo) halves
+// (p_planes_kernel, bsbr_cuda.cu), copied by cp.async straight into wgmma's 128-byte swizzled layout. (The
+// previous kernel had P as the register operand and split every stage's F tile into hi and lo
+// planes in shared memory, between two barriers: its stalls were those barriers and shared-memory
+// waits, and it moved P's unused lo halves through L2.)
+//
+// A CTA (two warpgroups) owns 128 x (rows of the state, x) by 128 output chunks (c in mode 0, j in
+// mode 1): x is the wgmma's M, the chunks its N (two 64-wide blocks), the reduction runs over
+// chunks in stages of 64 through a 2-stage cp.async pipeline. Inside a warp the 16 rows of x are
+// permuted (fragment row g is x = 2g, row g + 8 is x = 2g + 1) so that A reads and output stores
+// are 8 bytes wide.
 //
 // The device code exists only when compiling for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); the host
 // launches it only on a compute capability 9.0 GPU of a build that has sm_90a code (BSBR_WGMMA,
@@ -19,162 +28,199 @@
 namespace bsbr_cuda {
 namespace mix {
 
-constexpr int kWgBM = 128, kWgBN = 128, kWgThreads = 256;
-
-// Shared memory: mix_kernel's 2-stage cp.async words (MixSmem), then the hi and lo planes of one
-// B tile (kBK x kWgBN bf16 each).
-template <int MODE>
-struct WgSmem {
-  using Words = MixSmem<MODE, kWgBM, kWgBN>;
-  static constexpr int kPlane = kBK * kWgBN;  // bf16 elements
-  static constexpr size_t kBytes = Words::kBytes + 2 * kPlane * sizeof(__nv_bfloat16);
-  static_assert(Words::kBytes % 16 == 0, "planes must start 16-byte aligned");
+struct MixTParams {
+  const float* W = nullptr;            // split words [bh][C][X]: F (mode 0) or dS (mode 1)
+  const __nv_bfloat16* p_hi = nullptr;  // hi halves of P [bh][C][ldp] (p_planes_kernel, bsbr_cuda.cu)
+  const __nv_bfloat16* p_lo = nullptr;  // lo halves of P, same layout (kALo only)
+  float* O = nullptr;                   // [bh][C][X]: S (mode 0) or dF (mode 1)
+  int C = 0, X = 0, ldp = 0, bh = 0;
 };
 
-// The planes hold 8 x 8 core matrices (8 consecutive n = 16 bytes, times 8 consecutive k rows =
-// 128 contiguous bytes), core matrix (k / 8, n / 8) at byte ((k / 8) * (BN / 8) + n / 8) * 128:
-// n-adjacent core matrices are kSbo apart, k-adjacent ones kLbo.
-constexpr uint32_t kSbo = 128, kLbo = (kWgBN / 8) * 128;
+constexpr int kTX = 128;          // rows of x per CTA (two warpgroups of 64)
+constexpr int kTC = 128;          // output chunks per CTA
+constexpr int kTK = 64;           // reduction chunks per stage
+constexpr int kTThreads = 256;
+constexpr int kWPitch = kTX + 4;  // words: rows 2t apart land 8t banks apart (conflict-free)
 
-// wgmma shared-memory descriptor: start address, leading and stride byte offsets (all >> 4),
-// base offset 0, no swizzle.
-__device__ __forceinline__ uint64_t plane_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(kLbo >> 4) << 16) |
-         (static_cast<uint64_t>(kSbo >> 4) << 32);
-}
+template <bool kALo>
+struct MixTSmem {
+  static constexpr int kB = kTC * kTK;         // bf16 elements of one plane tile
+  static constexpr int kA = kTK * kWPitch;     // words of one A tile
+  static constexpr int kPlanes = kALo ? 2 : 1;
+  // 1 KiB of slack to align the swizzled tiles (first) to an atom; then the A tiles.
+  static constexpr size_t kBytes =
+      1024 + 2 * (kPlanes * kB * sizeof(__nv_bfloat16) + kA * sizeof(float));
+};
 
-// One stage's B tile of split words ([kBK][BN] with row pitch PITCH) -> the hi and lo planes.
-// Thread i takes row k = i % 8 of a k group and 4 columns: 8 threads read 8 rows (PITCH = 4 mod
-// 32 words: distinct banks) and 16 threads write one core matrix's 128 bytes.
-template <int BN, int PITCH, int NT>
-__device__ __forceinline__ void split_b_tile(const float* bs, __nv_bfloat16* hi,
-                                             __nv_bfloat16* lo) {
-  constexpr int kQuads = BN / 4;
-  static_assert(kBK * kQuads % NT == 0, "the tile's 4-word pieces must divide among the threads");
+// Async copy of a ROWS x COLS bf16 tile (global rows r0.., cols c0..) into the swizzled layout;
+// pieces outside [rows, cols) are zero-filled.
+template <int ROWS, int COLS>
+__device__ __forceinline__ void load_plane_tile(__nv_bfloat16* s, const __nv_bfloat16* g, int ld,
+                                                int rows, int cols, int r0, int c0) {
+  constexpr int CPR = COLS / 8;
+  static_assert(ROWS * CPR % kTThreads == 0, "tile pieces must divide among the threads");
 #pragma unroll
-  for (int i = 0; i < kBK * kQuads / NT; ++i) {
-    const int idx = i * NT + threadIdx.x;
-    const int k = (idx / (8 * kQuads)) * 8 + idx % 8, q = (idx / 8) % kQuads;
-    const uint4 w = *reinterpret_cast<const uint4*>(bs + k * PITCH + q * 4);
-    const int off = ((k / 8) * (BN / 8) + q / 2) * 64 + (k % 8) * 8 + (q % 2) * 4;
-    uint2 h, l;
-    regroup_words(w.x, w.y, h.x, l.x);
-    regroup_words(w.z, w.w, h.y, l.y);
-    *reinterpret_cast<uint2*>(hi + off) = h;
-    *reinterpret_cast<uint2*>(lo + off) = l;
+  for (int i = 0; i < ROWS * CPR / kTThreads; ++i) {
+    const int idx = i * kTThreads + threadIdx.x, r = idx / CPR, c = idx % CPR;
+    const bool ok = r0 + r < rows && c0 + c * 8 < cols;
+    cp_async16(s + sw<ROWS>(r, c), ok ? g + (int64_t)(r0 + r) * ld + c0 + c * 8 : g, ok);
   }
 }
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// d (64 x 128 fp32, the warpgroup's accumulator) += a (64 x 16 bf16, registers) * B (16 x 128
-// bf16, N-major in shared memory at desc_b).
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
-                                                 uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
-        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
-        "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+// The hi and lo A fragments of reduction rows [k0, k0 + 16) for the warp's 16 rows of x starting
+// at xr, from an A tile of words stored [k][x]: fragment row g is x = xr + 2g and row g + 8 is
+// x = xr + 2g + 1, so one 8-byte read gives both rows of one k.
+__device__ __forceinline__ void load_a_rows2(const float* as, int xr, int k0, uint32_t (&hi)[4],
+                                             uint32_t (&lo)[4]) {
+  const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float* base = as + (k0 + 2 * t + 8 * half) * kWPitch + xr + 2 * g;
+    const uint2 k_even = *reinterpret_cast<const uint2*>(base);
+    const uint2 k_odd = *reinterpret_cast<const uint2*>(base + kWPitch);
+    regroup_words(k_even.x, k_odd.x, hi[2 * half], lo[2 * half]);
+    regroup_words(k_even.y, k_odd.y, hi[2 * half + 1], lo[2 * half + 1]);
+  }
 }
-#endif
 
-// MODE 0: A = P stored [m][k], B = F stored [k][n]; MODE 1: A(m, k) = P[k][m], B = dS [k][n].
-// Two CTAs per SM (82-89 KiB of shared memory and <= 128 registers each): one CTA's loads and plane
-// split overlap the other's wgmmas. (Measured on an H200 against one CTA per SM with a 4-stage
-// pipeline, split overlapped with the wgmmas: that was slower at d = 128 and no faster at 64.)
+// Two CTAs per SM when P enters as its hi half only (99 KiB of shared memory, <= 128 registers);
+// one with the lo plane as well.
 template <int MODE, bool kALo>
-__global__ void __launch_bounds__(kWgThreads, 2) mix_wgmma_kernel(const MixParams p) {
+__global__ void __launch_bounds__(kTThreads, kALo ? 1 : 2) mix_t_wgmma_kernel(const MixTParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(MODE == 0 || MODE == 1, "wgmma mixing covers S = P F and dF = P^T dS");
-  using Smem = WgSmem<MODE>;
-  using Words = typename Smem::Words;
-  extern __shared__ float4 smem4[];
-  float* smem = reinterpret_cast<float*>(smem4);
-  __nv_bfloat16* plane_hi = reinterpret_cast<__nv_bfloat16*>(smem + Words::kBytes / sizeof(float));
-  __nv_bfloat16* plane_lo = plane_hi + Smem::kPlane;
-  const uint32_t hi_addr = smem_addr(plane_hi), lo_addr = smem_addr(plane_lo);
+  using Smem = MixTSmem<kALo>;
+  constexpr bool kTransB = MODE == 1;  // B stored [k][n]
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* sB = reinterpret_cast<__nv_bfloat16*>(
+      smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));  // [stage][plane][kB]
+  float* sA = reinterpret_cast<float*>(sB + 2 * Smem::kPlanes * Smem::kB);  // [stage][kA]
 
-  const MixTile<MODE, kWgBM, kWgBN, kWgThreads> tile(p);
-  const int kb = tile.kb, ke = tile.ke;
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int tiles_x = cdiv(p.X, kTX), tiles_c = cdiv(p.C, kTC);
+  int64_t blk = blockIdx.x;
+  const int x0 = static_cast<int>(blk % tiles_x) * kTX;
+  blk /= tiles_x;
+  int tc = static_cast<int>(blk % tiles_c);
+  if (MODE == 0) tc = tiles_c - 1 - tc;  // heaviest (longest reduction) first
+  const int bh = static_cast<int>(blk / tiles_c);
+  const int n0 = tc * kTC;
+  const float* W = p.W + (int64_t)bh * p.C * p.X;
+  const int64_t p_off = (int64_t)bh * p.C * p.ldp;
+  // Mode 0: S[c] sums j < c; mode 1: dF[j] sums c > j (P is zero elsewhere).
+  const int kb = MODE == 0 ? 0 : n0 / kTK;
+  const int ke = cdiv(MODE == 0 ? min(p.C, n0 + kTC) : p.C, kTK);
 
-  float acc[64];
+  // Stage loads: 8 pieces of the A tile (rows 8 apart) and 4 of each plane tile per thread.
+  const int a_r = threadIdx.x / 32, a_c = (threadIdx.x % 32) * 4;
+  const bool a_col_ok = x0 + a_c < p.X;
+  const float* a_src = W + x0 + a_c;
+  auto load = [&](int st, int kt) {
+    const int k0 = kt * kTK;
+    float* sa = sA + st * Smem::kA + a_r * kWPitch + a_c;
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int i = 0; i < kTK / 8; ++i) {
+      const int k = k0 + a_r + 8 * i;
+      const bool ok = a_col_ok && k < p.C;
+      cp_async16(sa + 8 * i * kWPitch, ok ? a_src + (int64_t)k * p.X : W, ok);
+    }
+#pragma unroll
+    for (int pl = 0; pl < Smem::kPlanes; ++pl) {
+      __nv_bfloat16* s = sB + (st * Smem::kPlanes + pl) * Smem::kB;
+      const __nv_bfloat16* g = (pl == 0 ? p.p_hi : p.p_lo) + p_off;
+      if constexpr (MODE == 0) {
+        load_plane_tile<kTC, kTK>(s, g, p.ldp, p.C, p.ldp, n0, k0);  // [c][j]
+      } else {
+        load_plane_tile<kTK, kTC>(s, g, p.ldp, p.C, p.ldp, k0, n0);  // [c][j]
+      }
+    }
+    cp_async_commit();
+  };
 
-  if (kb < ke) tile.load(smem, p, 0, kb);
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int xr = wg * 64 + warp * 16;
+  float acc[2][32];
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[nb][i] = 0.f;
+
+  if (kb < ke) load(0, kb);
   for (int kt = kb; kt < ke; ++kt) {
     const int st = (kt - kb) & 1;
     if (kt + 1 < ke) {
-      tile.load(smem, p, st ^ 1, kt + 1);
+      load(st ^ 1, kt + 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
-    __syncthreads();  // stage st landed; every wgmma of the previous tile has completed
-    const float* as = smem + st * Words::A_SIZE;
-    const float* bs = smem + 2 * Words::A_SIZE + st * Words::B_SIZE;
-    uint32_t ahi[kBK / 16][4], alo[kBK / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) {
-      load_a_split<Words::kAmk, Words::A_PITCH>(as, wg * 64 + warp * 16, ks * 16, ahi[ks], alo[ks]);
-    }
-    split_b_tile<kWgBN, Words::B_PITCH, kWgThreads>(bs, plane_hi, plane_lo);
     fence_proxy_async();
     __syncthreads();
-    wgmma_fence();
+    // A fragments in two register sets: the k step ks + 2 reuses the set of step ks once the
+    // wgmma group that read it has completed, so its shared-memory reads overlap step ks + 1.
+    const __nv_bfloat16* hi_tile = sB + st * Smem::kPlanes * Smem::kB;
+    uint32_t a[2][2][4];  // [set][hi, lo][fragment]
 #pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) {
-      const uint32_t koff = ks * 2 * kLbo;  // 16 k rows = two core-matrix rows
-      if constexpr (kALo) wgmma_m64n128k16(acc, alo[ks], plane_desc(hi_addr + koff));
-      wgmma_m64n128k16(acc, ahi[ks], plane_desc(lo_addr + koff));
-      wgmma_m64n128k16(acc, ahi[ks], plane_desc(hi_addr + koff));
+    for (int ks = 0; ks < kTK / 16; ++ks) {
+      uint32_t(&as)[2][4] = a[ks & 1];
+      if (ks >= 2) {
+        wgmma_wait<1>();
+        fence_operands(as);
+      }
+      load_a_rows2(sA + st * Smem::kA, xr, ks * 16, as[0], as[1]);
+      wgmma_fence();
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        // Both layouts put the 64-wide n block nb at 64 * 64 elements; a k step of 16 is 32
+        // bytes along a swizzled row (K-major) or two 8-row atoms (MN-major).
+        const uint64_t step = kTransB ? (2048 >> 4) * ks : 2 * ks;
+        const uint64_t d_hi = sw_desc(hi_tile + nb * 64 * 64) + step;
+        wgmma_rs<__nv_bfloat16, kTransB>(acc[nb], as[0], d_hi);
+        wgmma_rs<__nv_bfloat16, kTransB>(acc[nb], as[1], d_hi);
+        if constexpr (kALo) {
+          wgmma_rs<__nv_bfloat16, kTransB>(acc[nb], as[0],
+                                           sw_desc(hi_tile + Smem::kB + nb * 64 * 64) + step);
+        }
+      }
+      wgmma_commit();
     }
-    wgmma_commit();
     wgmma_wait<0>();
-    fence_operands(acc);
-    fence_operands(ahi);
-    if constexpr (kALo) fence_operands(alo);
+    fence_operands(acc[0]);
+    fence_operands(acc[1]);
+    fence_operands(a[0]);
+    fence_operands(a[1]);
+    __syncthreads();  // every read of this stage is done before it is refilled
   }
 
-  // Accumulator: d[4j + e] at row 16 * warp + g (+8 for e >= 2), cols 8j + 2t (+1).
+  // acc[nb][4j + e]: fragment row g (+8 for e >= 2), i.e. x = xr + 2g (+1); output chunk
+  // n0 + 64 nb + 8j + 2t (+1 for odd e).
   const int g = lane / 4, t = lane % 4;
+  const int x = x0 + xr + 2 * g;
+  if (x < p.X) {
+    float* O = p.O + (int64_t)bh * p.C * p.X + x;
 #pragma unroll
-  for (int j = 0; j < kWgBN / 8; ++j)
+    for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = tile.m0 + wg * 64 + warp * 16 + g + hh * 8;
-      const int col = tile.n0 + j * 8 + 2 * t;
-      if (row < p.M && col < p.N) {
-        *reinterpret_cast<float2*>(tile.O + (int64_t)row * p.ldo + col) =
-            make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
-      }
-    }
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int odd = 0; odd < 2; ++odd) {
+          const int n = n0 + nb * 64 + j * 8 + 2 * t + odd;
+          if (n < p.C) {
+            *reinterpret_cast<float2*>(O + (int64_t)n * p.X) =
+                make_float2(acc[nb][4 * j + odd], acc[nb][4 * j + 2 + odd]);
+          }
+        }
+  }
 #endif
 }
 
 template <int MODE, bool kALo>
-inline void launch_mix_wgmma(const MixParams& p, cudaStream_t stream) {
-  const size_t smem = WgSmem<MODE>::kBytes;
-  auto kernel = mix_wgmma_kernel<MODE, kALo>;
+inline void launch_mix_t_wgmma(const MixTParams& p, cudaStream_t stream) {
+  const size_t smem = MixTSmem<kALo>::kBytes;
+  auto kernel = mix_t_wgmma_kernel<MODE, kALo>;
   allow_dynamic_smem(kernel, smem);
-  const int64_t tiles = (int64_t)((p.M + kWgBM - 1) / kWgBM) * ((p.N + kWgBN - 1) / kWgBN) * p.bh;
+  const int64_t tiles = (int64_t)cdiv(p.X, kTX) * cdiv(p.C, kTC) * p.bh;
   if (tiles == 0) return;
-  kernel<<<static_cast<unsigned>(tiles), kWgThreads, smem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(tiles), kTThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

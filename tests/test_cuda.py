@@ -364,10 +364,10 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
         return [e.name for e in prof.events() if "mix_" in e.name and "kernel" in e.name]
 
     names = mixing_kernels()
-    assert sum("mix_wgmma_kernel" in x for x in names) == 3, names  # S twice (fwd, bwd), dF once
+    assert sum("mix_t_wgmma_kernel" in x for x in names) == 3, names  # S twice (fwd, bwd), dF once
     monkeypatch.setenv("BSBR_MIX_WGMMA", "0")
     names = mixing_kernels()
-    assert names and not any("mix_wgmma_kernel" in x for x in names), names
+    assert names and not any("mix_t_wgmma_kernel" in x for x in names), names
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
