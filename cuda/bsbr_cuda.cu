@@ -699,19 +699,32 @@ Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& planes, const Te
 std::pair<Tensor, int> mix_scores(const Tensor& dS, const Tensor& F, int64_t C) {
   const int64_t bh = F.size(0) * F.size(1), Cp = pad4(C);
   const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
-  constexpr int BM = 64, BN = 64;
-  const int64_t tm = (C + BM - 1) / BM;
+  // wgmma: 128 x 128 tiles, 2 CTAs per SM; mma.sync: 64 x 64, 3 per SM. About 2 waves.
+  const bool wgmma = use_wgmma_mix();
+  const int64_t tile = wgmma ? mix::kSBM : 64;
+  const int64_t tm = (C + tile - 1) / tile;
   const int64_t active = bh * tm * (tm + 1) / 2;  // tiles with some j < c
-  // ~2 waves of 3 CTAs per SM
-  const int64_t target = 6 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t target =
+      (wgmma ? 4 : 6) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t split_bytes = bh * C * Cp * int64_t{sizeof(float)};
   int64_t splits = std::min<int64_t>(std::max<int64_t>(X / 256, 1),
                                      std::max<int64_t>(1, (target + active - 1) / active));
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, group_state_bytes() / 2 / split_bytes));
+  static_assert(mix::kSKW == mix::kBK, "both kernels split x in multiples of their stage");
   int64_t k_split = (X + splits - 1) / splits;
   k_split = (k_split + mix::kBK - 1) / mix::kBK * mix::kBK;
   splits = (X + k_split - 1) / k_split;
   Tensor dP = at::empty({splits, bh, C, Cp}, F.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (wgmma) {
+    mix::ScoresParams sp;
+    sp.dS = dS.data_ptr<float>(), sp.F = F.data_ptr<float>(), sp.O = dP.data_ptr<float>();
+    sp.C = static_cast<int>(C), sp.X = static_cast<int>(X), sp.ldo = static_cast<int>(Cp);
+    sp.bh = static_cast<int>(bh), sp.splits = static_cast<int>(splits);
+    sp.k_split = static_cast<int>(k_split);
+    mix::launch_scores_wgmma(sp, stream);
+    return {dP, static_cast<int>(splits)};
+  }
   mix::MixParams mp = mix_params(bh, C);
   mp.A = dS.data_ptr<float>(), mp.a_bh = C * X, mp.lda = static_cast<int>(X);
   mp.a_rows = static_cast<int>(C), mp.a_cols = static_cast<int>(X);
@@ -721,7 +734,7 @@ std::pair<Tensor, int> mix_scores(const Tensor& dS, const Tensor& F, int64_t C) 
   mp.ldo = static_cast<int>(Cp);
   mp.N = static_cast<int>(Cp), mp.K = static_cast<int>(X);
   mp.splits = static_cast<int>(splits), mp.k_split = static_cast<int>(k_split);
-  mix::launch_mix<2, BM, BN, 2, 2>(mp, at::cuda::getCurrentCUDAStream());
+  mix::launch_mix<2, 64, 64, 2, 2>(mp, stream);
   return {dP, static_cast<int>(splits)};
 }
 

@@ -1,22 +1,28 @@
-// Retrieval mixing products S = P F (mode 0) and dF = P^T dS (mode 1) on Hopper's warpgroup MMA
-// (wgmma.mma_async, sm_90a), for the fused op with fp16/bf16 inputs: the same products as
-// mix_kernel (retrieval_mma.cuh: hi*hi + hi*lo, and lo*hi unless kALo is false; fp32
+// Retrieval mixing products S = P F (mode 0), dF = P^T dS (mode 1) and dP = dS F^T on Hopper's
+// warpgroup MMA (wgmma.mma_async, sm_90a), for the fused op with fp16/bf16 inputs: the same
+// products as mix_kernel (retrieval_mma.cuh: hi*hi + hi*lo, and lo*hi unless kALo is false; fp32
 // accumulation), computed transposed so that nothing is regrouped in shared memory:
 //   mode 0:  S^T  = F^T P^T     A(x, j) = F[j][x],  B(j, c) = P[c][j]   (B K-major)
 //   mode 1:  dF^T = dS^T P      A(x, c) = dS[c][x], B(c, j) = P[c][j]   (B MN-major)
 // The states (F, dS: split words, [C][X] per head, X = ds * d) are the A operand: each thread
 // turns the two words of a k pair into its hi and lo operand registers with two byte permutes,
 // and a wgmma takes A from registers. The weights enter as bf16 planes of P's hi (and lo) halves
-// (p_planes_kernel, bsbr_cuda.cu), copied by cp.async straight into wgmma's 128-byte swizzled layout. (The
-// previous kernel had P as the register operand and split every stage's F tile into hi and lo
-// planes in shared memory, between two barriers: its stalls were those barriers and shared-memory
-// waits, and it moved P's unused lo halves through L2.)
+// (p_planes_kernel, bsbr_cuda.cu), copied by cp.async straight into wgmma's 128-byte swizzled
+// layout. (The previous kernel had P as the register operand and split every stage's F tile into
+// hi and lo planes in shared memory, between two barriers: its stalls were those barriers and
+// shared-memory waits, and it moved P's unused lo halves through L2.)
 //
 // A CTA (two warpgroups) owns 128 x (rows of the state, x) by 128 output chunks (c in mode 0, j in
 // mode 1): x is the wgmma's M, the chunks its N (two 64-wide blocks), the reduction runs over
 // chunks in stages of 64 through a 2-stage cp.async pipeline. Inside a warp the 16 rows of x are
 // permuted (fragment row g is x = 2g, row g + 8 is x = 2g + 1) so that A reads and output stores
 // are 8 bytes wide.
+//
+// dP = dS F^T (scores_wgmma_kernel, below) has both operands as split words. There F is the B
+// operand read as bf16 straight from its words: with k' = 2x + s running over the halves s of
+// element x, B(k', j) = half s of F[j][x] is K-major, so the words' tile is a swizzled B tile as
+// it stands, and A(c, k') = (hi of dS[c][x], for both s) gives dS_hi (F_hi + F_lo); a second
+// product with A = (lo of dS[c][x], 0) adds dS_lo F_hi: the same three products as mix_kernel.
 //
 // The device code exists only when compiling for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); the host
 // launches it only on a compute capability 9.0 GPU of a build that has sm_90a code (BSBR_WGMMA,
@@ -30,7 +36,7 @@ namespace mix {
 
 struct MixTParams {
   const float* W = nullptr;            // split words [bh][C][X]: F (mode 0) or dS (mode 1)
-  const __nv_bfloat16* p_hi = nullptr;  // hi halves of P [bh][C][ldp] (p_planes_kernel, bsbr_cuda.cu)
+  const __nv_bfloat16* p_hi = nullptr;  // hi halves of P [bh][C][ldp] (p_planes_kernel)
   const __nv_bfloat16* p_lo = nullptr;  // lo halves of P, same layout (kALo only)
   float* O = nullptr;                   // [bh][C][X]: S (mode 0) or dF (mode 1)
   int C = 0, X = 0, ldp = 0, bh = 0;
@@ -221,6 +227,152 @@ inline void launch_mix_t_wgmma(const MixTParams& p, cudaStream_t stream) {
   const int64_t tiles = (int64_t)cdiv(p.X, kTX) * cdiv(p.C, kTC) * p.bh;
   if (tiles == 0) return;
   kernel<<<static_cast<unsigned>(tiles), kTThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dP = dS F^T for j < c as split-K partial sums (mix_kernel mode 2's output: [splits][bh][C][ldo]
+// fp32, j >= c zero), see the top of this file. A CTA (two warpgroups) owns 128 rows c by 128
+// columns j of a tile with some j < c, and x range `split`; stages of 32 words of x (64 bf16 k').
+struct ScoresParams {
+  const float* dS = nullptr;  // split words [bh][C][X]
+  const float* F = nullptr;   // split words [bh][C][X]
+  float* O = nullptr;         // [splits][bh][C][ldo]
+  int C = 0, X = 0, ldo = 0, bh = 0, splits = 1, k_split = 0;
+};
+
+constexpr int kSBM = 128, kSBN = 128, kSKW = 32;  // tile rows c, cols j, words of x per stage
+constexpr int kSPitch = kSKW + 4;  // A rows 4 banks apart: the fragment reads are conflict-free
+constexpr size_t kScoresSmem =
+    1024 + 2 * (kSBN * 2 * kSKW * sizeof(__nv_bfloat16) + kSBM * kSPitch * sizeof(float));
+
+static __global__ void __launch_bounds__(kTThreads, 2) scores_wgmma_kernel(const ScoresParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kB = kSBN * 2 * kSKW;  // bf16 elements of a B tile
+  constexpr int kA = kSBM * kSPitch;   // words of an A tile
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* sB = reinterpret_cast<__nv_bfloat16*>(
+      smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));  // [stage][kB]
+  float* sA = reinterpret_cast<float*>(sB + 2 * kB);               // [stage][kA]
+
+  // Tiles with some j < c: pairs (tc, tj <= tc), numbered row by row.
+  const int tm = cdiv(p.C, kSBM);
+  const int64_t active = (int64_t)tm * (tm + 1) / 2;
+  int64_t blk = blockIdx.x;
+  const int64_t q = blk % active;
+  blk /= active;
+  const int split = static_cast<int>(blk % p.splits);
+  const int bh = static_cast<int>(blk / p.splits);
+  int tc = static_cast<int>((sqrt(8.0 * q + 1.0) - 1.0) / 2.0);
+  while ((int64_t)tc * (tc + 1) / 2 > q) --tc;
+  while ((int64_t)(tc + 1) * (tc + 2) / 2 <= q) ++tc;
+  const int tj = static_cast<int>(q - (int64_t)tc * (tc + 1) / 2);
+  const int m0 = tc * kSBM, n0 = tj * kSBN;
+  const int xb = split * p.k_split, xe = min(p.X, xb + p.k_split);
+  const int kb = xb / kSKW, ke = cdiv(xe, kSKW);
+  const float* dS = p.dS + (int64_t)bh * p.C * p.X;
+  const float* F = p.F + (int64_t)bh * p.C * p.X;
+
+  // Per thread and stage: 4 pieces of the A tile and 4 of the B tile (rows 32 apart).
+  const int r_ld = threadIdx.x / 8, c_ld = threadIdx.x % 8;
+  auto load = [&](int st, int kt) {
+    const int x = kt * kSKW + c_ld * 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r_ld + 32 * i;
+      const bool a_ok = m0 + r < p.C && x < xe;
+      cp_async16(sA + st * kA + r * kSPitch + c_ld * 4,
+                 a_ok ? dS + (int64_t)(m0 + r) * p.X + x : dS, a_ok);
+      const bool b_ok = n0 + r < p.C && x < xe;
+      cp_async16(sB + st * kB + sw<kSBN>(r, c_ld), b_ok ? F + (int64_t)(n0 + r) * p.X + x : F,
+                 b_ok);
+    }
+    cp_async_commit();
+  };
+
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int rg = wg * 64 + warp * 16 + g;  // fragment rows rg and rg + 8 of the tile
+  float acc[2][32];
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[nb][i] = 0.f;
+
+  if (kb < ke) load(0, kb);
+  for (int kt = kb; kt < ke; ++kt) {
+    const int st = (kt - kb) & 1;
+    if (kt + 1 < ke) {
+      load(st ^ 1, kt + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const float* a_tile = sA + st * kA;
+    const __nv_bfloat16* b_tile = sB + st * kB;
+    // A fragments in two register sets, as in mix_t_wgmma_kernel. A k' step of 16 is 8 words
+    // of x: fragment e covers x = 8 ks + t (+4 for e >= 2) of row rg (+8 for odd e).
+    uint32_t a[2][2][4];  // [set][{hi, hi}, {lo, 0}][fragment]
+#pragma unroll
+    for (int ks = 0; ks < 2 * kSKW / 16; ++ks) {
+      uint32_t(&set)[2][4] = a[ks & 1];
+      if (ks >= 2) {
+        wgmma_wait<1>();
+        fence_operands(set);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float* w = a_tile + (rg + 8 * (e & 1)) * kSPitch + 8 * ks + t + 4 * (e / 2);
+        const uint32_t word = __float_as_uint(*w);
+        set[0][e] = __byte_perm(word, 0, 0x1010);
+        set[1][e] = word >> 16;
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        const uint64_t desc = sw_desc(b_tile + nb * 64 * 64) + 2 * ks;
+        wgmma_rs<__nv_bfloat16, false>(acc[nb], set[0], desc);
+        wgmma_rs<__nv_bfloat16, false>(acc[nb], set[1], desc);
+      }
+      wgmma_commit();
+    }
+    wgmma_wait<0>();
+    fence_operands(acc[0]);
+    fence_operands(acc[1]);
+    fence_operands(a[0]);
+    fence_operands(a[1]);
+    __syncthreads();  // every read of this stage is done before it is refilled
+  }
+
+  // acc[nb][4j + e]: row rg (+8 for e >= 2), column 64 nb + 8j + 2t (+1 for odd e).
+  float* O = p.O + ((int64_t)split * p.bh + bh) * p.C * p.ldo;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int c = m0 + rg + 8 * hh;
+    if (c >= p.C) continue;
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int col = n0 + nb * 64 + j * 8 + 2 * t;
+        if (col < p.ldo) {  // only j < c is kept (P is zero elsewhere; no garbage for 0 * x)
+          *reinterpret_cast<float2*>(O + (int64_t)c * p.ldo + col) =
+              make_float2(col < c ? acc[nb][4 * j + 2 * hh] : 0.f,
+                          col + 1 < c ? acc[nb][4 * j + 2 * hh + 1] : 0.f);
+        }
+      }
+  }
+#endif
+}
+
+inline void launch_scores_wgmma(const ScoresParams& p, cudaStream_t stream) {
+  auto kernel = scores_wgmma_kernel;
+  allow_dynamic_smem(kernel, kScoresSmem);
+  const int64_t tm = cdiv(p.C, kSBM);
+  const int64_t blocks = tm * (tm + 1) / 2 * p.splits * p.bh;
+  if (blocks == 0) return;
+  kernel<<<static_cast<unsigned>(blocks), kTThreads, kScoresSmem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

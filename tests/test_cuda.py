@@ -345,8 +345,9 @@ def test_bsbr_attention_fused_many_chunks(dtype, d, ds):
 
 
 def test_retrieval_mixing_on_wgmma(monkeypatch):
-    """On a compute capability 9.0 GPU the fused op's S = P F and dF = P^T dS run on the wgmma
-    kernel (the build compiles Hopper as sm_90a), and on mma.sync with BSBR_MIX_WGMMA=0."""
+    """On a compute capability 9.0 GPU the fused op's S = P F, dF = P^T dS and dP = dS F^T run on
+    the wgmma kernels (the build compiles Hopper as sm_90a), and on mma.sync with
+    BSBR_MIX_WGMMA=0."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma mixing runs on compute capability 9.0 only")
     assert "90a" in bsbr_ext._C.build_info()["cuda_archs"], "Hopper builds must include sm_90a"
@@ -361,13 +362,14 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
             out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, 0, scale, ms, ss)
             ops._bsbr_attention_bwd(out, q, k, v, mq, mk, qs, ks, out, lse, chunk, 0, scale, ms, ss)
             torch.cuda.synchronize()
-        return [e.name for e in prof.events() if "mix_" in e.name and "kernel" in e.name]
+        return [e.name for e in prof.events() if "mix::" in e.name and "kernel" in e.name]
 
     names = mixing_kernels()
     assert sum("mix_t_wgmma_kernel" in x for x in names) == 3, names  # S twice (fwd, bwd), dF once
+    assert sum("scores_wgmma_kernel" in x for x in names) == 1, names
     monkeypatch.setenv("BSBR_MIX_WGMMA", "0")
     names = mixing_kernels()
-    assert names and not any("mix_t_wgmma_kernel" in x for x in names), names
+    assert names and not any("wgmma" in x for x in names), names
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
