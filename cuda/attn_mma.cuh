@@ -207,6 +207,62 @@ __device__ __forceinline__ void store_rows(const AttnParams& p, const float (&o)
   }
 }
 
+// The dQ kernels' row statistics of rows ra and ra + 8: lse in log2 units and delta (0 past n).
+__device__ __forceinline__ void row_stats(const AttnParams& p, int bh, int ra, float (&lse2)[2],
+                                          float (&dlt)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = ra + 8 * i;
+    lse2[i] = row < p.n ? p.lse[(int64_t)bh * p.n + row] * kLog2e : 0.f;
+    dlt[i] = row < p.n ? p.delta[(int64_t)bh * p.n + row] : 0.f;
+  }
+}
+
+// dS = P (dP - delta) in place of the logits s of keys [n0, n0 + 8 NT) for rows ra, ra + 8 (the
+// accumulators' fragment layout), zero outside the window [lo_w, row] and past n.
+template <int NT>
+__device__ __forceinline__ void ds_tile(float (&s)[NT][4], const float (&dp)[NT][4], int n0, int ra,
+                                        int lo_w, int n, float sl2, const float (&lse2)[2],
+                                        const float (&dlt)[2]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = e < 2 ? ra : ra + 8;
+      const int key = n0 + jj * 8 + (lane % 4) * 2 + (e & 1);
+      const bool valid = row < n && key <= row && key >= lo_w;
+      const float pr = valid ? exp2f(s[jj][e] * sl2 - lse2[e / 2]) : 0.f;
+      s[jj][e] = pr * (dp[jj][e] - dlt[e / 2]);
+    }
+  }
+}
+
+// The dQ kernels' epilogue: dq * scale (plus what p.dq holds when p.dq_accumulate) into rows ra
+// and ra + 8 of p.dq (contiguous [bh, n, D]).
+template <typename T, int DT>
+__device__ __forceinline__ void store_dq(const AttnParams& p, float (&dq)[DT][4], int bh, int ra) {
+  constexpr int D = DT * 8;
+  const int n = p.n, lane = threadIdx.x % 32;
+  T* ob = static_cast<T*>(p.dq) + (int64_t)bh * n * D;
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[dt][e] *= p.scale;
+  if (p.dq_accumulate) add_existing<T, DT>(dq, ob, D, ra, n, D);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = ra + 8 * i;
+    if (row < n) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        store_pair<T>(ob, (int64_t)row * D + col, dq[dt][2 * i], dq[dt][2 * i + 1]);
+      }
+    }
+  }
+}
+
 // The A fragment (mma.sync layout) of rows ra, ra + 8 and columns [k0, k0 + 16) of a [n, ds]
 // strided matrix, straight from global memory; outside [0, n) x [0, ds) reads as 0.
 template <typename T>
@@ -375,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
   const bool warp_ok = tw < n;
   const int cw = min(tw, n - 1) / B;
   const int lo_w = max(0, cw * B - w);
-  const int ra = tw + lane / 4, rb = ra + 8;
+  const int ra = tw + lane / 4;
 
   const T* kb = head_ptr<T>(p.k, p.k_st, bi, hi);
   const T* vb = head_ptr<T>(p.v, p.v_st, bi, hi);
@@ -389,12 +445,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
   cp_async_commit();
 
   float lse2[2], dlt[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = i == 0 ? ra : rb;
-    lse2[i] = row < n ? p.lse[(int64_t)bh * n + row] * kLog2e : 0.f;
-    dlt[i] = row < n ? p.delta[(int64_t)bh * n + row] : 0.f;
-  }
+  row_stats(p, bh, ra, lse2, dlt);
   float dq[DT][4];
 #pragma unroll
   for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
@@ -437,17 +488,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
           mma16816<T>(dp[2 * nn + 1], ao, b[2], b[3]);
         }
       }
-#pragma unroll
-      for (int jj = 0; jj < NT; ++jj) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = e < 2 ? ra : rb;
-          const int key = n0 + jj * 8 + (lane % 4) * 2 + (e & 1);
-          const bool valid = row < n && key <= row && key >= lo_w;
-          const float pr = valid ? exp2f(s[jj][e] * sl2 - lse2[e / 2]) : 0.f;
-          s[jj][e] = pr * (dp[jj][e] - dlt[e / 2]);  // dS
-        }
-      }
+      ds_tile(s, dp, n0, ra, lo_w, n, sl2, lse2, dlt);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         uint32_t a[4];
@@ -464,23 +505,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
     __syncthreads();
   }
 
-  T* ob = static_cast<T*>(p.dq) + (int64_t)bh * n * D;
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dq[dt][e] *= p.scale;
-  if (p.dq_accumulate) add_existing<T, DT>(dq, ob, D, ra, n, D);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = i == 0 ? ra : rb;
-    if (row < n) {
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        store_pair<T>(ob, (int64_t)row * D + col, dq[dt][2 * i], dq[dt][2 * i + 1]);
-      }
-    }
-  }
+  store_dq<T>(p, dq, bh, ra);
 }
 
 // Exclusive end of the queries that can see a key of chunk(u_last): the end of that chunk, or of

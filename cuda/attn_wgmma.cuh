@@ -204,5 +204,111 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
 #endif
 }
 
+// dQ on wgmma, laid out as attn_fwd_kernel (one warpgroup per 64 query rows, swizzled tiles, K/V
+// in a 2-stage cp.async pipeline): S = Q K^T and dP = dO V^T take both operands from shared
+// memory, dS = P (dP - delta) is formed in the accumulators (mma::ds_tile, shared with the
+// mma.sync kernel), and dQ += dS K takes dS from registers and K as the MN-major operand (as V
+// in O += P V). 3 CTAs per SM at D = 64 (49 KiB of shared memory each), 2 at 128.
+template <typename T, int D>
+constexpr size_t kDqSmemBytes = 6 * 64 * D * sizeof(T) + 1024;
+template <int D> constexpr int kDqMinBlocks = D == 64 ? 3 : 2;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NB = D / 64;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
+  T* sO = sQ + kBM * D;        // dO
+  T* sK = sO + kBM * D;        // [2][64][D]
+  T* sV = sK + 2 * kBN * D;    // [2][64][D]
+
+  const int ntile = cdiv(p.n, kBM);
+  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
+  const int bi = bh / p.h, hi = bh % p.h;
+  const int n = p.n, B = p.chunk, w = p.overlap;
+  const int m0 = tile * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tw = m0 + warp * 16;  // 16 | B, so a warp's rows share one chunk
+  const int cw = min(tw, n - 1) / B;
+  const int lo_w = max(0, cw * B - w);
+  const int ra = tw + lane / 4;
+
+  const T* kb = mma::head_ptr<T>(p.k, p.k_st, bi, hi);
+  const T* vb = mma::head_ptr<T>(p.v, p.v_st, bi, hi);
+  const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + kBM);
+  const int nkv = cdiv(kv_hi - kv_lo, kBN);
+
+  load_tile<T, D>(sQ, mma::head_ptr<T>(p.q, p.q_st, bi, hi), p.q_st.n, m0, n);
+  load_tile<T, D>(sO, mma::head_ptr<T>(p.dout, p.dout_st, bi, hi), p.dout_st.n, m0, n);
+  load_tile<T, D>(sK, kb, p.k_st.n, kv_lo, n);
+  load_tile<T, D>(sV, vb, p.v_st.n, kv_lo, n);
+  cp_async_commit();
+
+  float lse2[2], dlt[2];
+  mma::row_stats(p, bh, ra, lse2, dlt);
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+
+  for (int j = 0; j < nkv; ++j) {
+    const int n0 = kv_lo + j * kBN;
+    if (j + 1 < nkv) {
+      const int st = (j + 1) & 1;
+      load_tile<T, D>(sK + st * kBN * D, kb, p.k_st.n, n0 + kBN, n);
+      load_tile<T, D>(sV + st * kBN * D, vb, p.v_st.n, n0 + kBN, n);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const T* sKs = sK + (j & 1) * kBN * D;
+    const T* sVs = sV + (j & 1) * kBN * D;
+
+    float s[kBN / 8][4], dp[kBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int blk = kk / 4, step = 2 * (kk % 4);
+      wgmma_ss<T>(acc64(s, 0), sw_desc(sQ + blk * kBM * 64) + step,
+                  sw_desc(sKs + blk * kBN * 64) + step);
+      wgmma_ss<T>(acc64(dp, 0), sw_desc(sO + blk * kBM * 64) + step,
+                  sw_desc(sVs + blk * kBN * 64) + step);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc64(s, 0));
+    fence_operands(acc64(dp, 0));
+
+    mma::ds_tile(s, dp, n0, ra, lo_w, n, sl2, lse2, dlt);
+    uint32_t a[kBN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) mma::p_fragment<T>(a[kk], s, kk);
+    // dQ += dS K: a k step of 16 keys is two 8-row atoms (2048 bytes).
+    wgmma_fence();
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_rs<T, true>(acc64(dq, nb), a[kk], sw_desc(sKs + nb * kBN * 64) + (2048 >> 4) * kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(dq, nb));
+    fence_operands(a);
+    __syncthreads();  // every read of this stage is done before it is refilled
+  }
+
+  mma::store_dq<T>(p, dq, bh, ra);
+#endif
+}
+
 }  // namespace wg
 }  // namespace bsbr_cuda

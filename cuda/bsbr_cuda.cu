@@ -845,6 +845,7 @@ class AttnBackward {
     p_.num_chunks = (n + chunk - 1) / chunk;
     p_.scale = static_cast<float>(scale), p_.state_scale = static_cast<float>(state_scale);
     p_.simt = simt;
+    p_.wgmma = !simt && (q.size(3) == 64 || q.size(3) == 128) && use_wgmma("BSBR_ATTN_WGMMA");
     st_ = q.scalar_type();
     d_ = q.size(3);
   }

@@ -55,12 +55,22 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
     if (!p.simt) {
       constexpr int SD = mma::Cfg<D>::SD, BN = mma::Cfg<D>::BN_BWD;
       const size_t smem = (2 * mma::kBM + 4 * BN) * SD * sizeof(T) + 6 * BN * sizeof(float);
-      auto kdq = mma::attn_dq_kernel<T, D>;
       auto kdkv = mma::attn_dkv_kernel<T, D>;
-      allow_dynamic_smem(kdq, smem);
       allow_dynamic_smem(kdkv, smem);
       kdkv<<<grid_rows(p, mma::kBM), mma::kThreads, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (D == 64 || D == 128) {
+        if (p.wgmma) {
+          const size_t smem_dq = wg::kDqSmemBytes<T, D>;
+          auto kdq = wg::attn_dq_kernel<T, D>;
+          allow_dynamic_smem(kdq, smem_dq);
+          kdq<<<grid_rows(p, wg::kBM), wg::kThreads, smem_dq, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
+      auto kdq = mma::attn_dq_kernel<T, D>;
+      allow_dynamic_smem(kdq, smem);
       kdq<<<grid_rows(p, mma::kBM), mma::kThreads, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;

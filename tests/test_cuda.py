@@ -376,12 +376,13 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6]])
 @pytest.mark.parametrize("state", ["separate", "q"])
-def test_attention_forward_on_wgmma(dtype, d, cfg, state, monkeypatch):
-    """On a compute capability 9.0 GPU the attention forward at d = 64 / 128 runs on the wgmma kernel
-    (attn_wgmma.cuh), on mma.sync with BSBR_ATTN_WGMMA=0. Both are checked against the fp64 truth
-    by the tests above (whichever the GPU runs); here they must also agree with each other to a
-    rounding of the dtype, for chunks narrower than the 64-row tile (B = 16: several chunks per
-    tile), overlap, q_state = q (read from the Q tile) and a separate q_state with ds < d."""
+def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
+    """On a compute capability 9.0 GPU the attention forward and the dQ kernel at d = 64 / 128 run
+    on wgmma (attn_wgmma.cuh), on mma.sync with BSBR_ATTN_WGMMA=0. Both are checked against the
+    fp64 truth by the tests above (whichever the GPU runs); here they must also agree with each
+    other to a rounding of the dtype, for chunks narrower than the 64-row tile (B = 16: several
+    chunks per tile), overlap, q_state = q (read from the Q tile) and a separate q_state with
+    ds < d."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma attention runs on compute capability 9.0 only")
     b, h, n, chunk, w = cfg
@@ -392,21 +393,25 @@ def test_attention_forward_on_wgmma(dtype, d, cfg, state, monkeypatch):
         qs = q
     scale, _, ss = scales(d, 1, ds, chunk)
     ss = ss * 8  # make the long-range term a visible part of the output
+    g = torch.randn(q.shape, generator=gen, device=DEV).to(dtype)
 
-    def forward():
+    def run():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out, lse = ops._chunk_attention_fwd(q, k, v, qs, R, chunk, w, scale, ss)
+            dq = ops._chunk_attention_bwd(g, q, k, v, qs, R, out, lse, chunk, w, scale, ss)[0]
             torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if "attn_fwd_kernel" in e.name]
-        return out, lse, names
+        names = [e.name for e in prof.events() if "attn_fwd_kernel" in e.name or "attn_dq_kernel" in e.name]
+        return out, lse, dq, names
 
-    out, lse, names = forward()
-    assert names and all("wg::attn_fwd_kernel" in x for x in names), names
+    out, lse, dq, names = run()
+    assert len(names) == 2 and all("wg::" in x for x in names), names
+    assert any("attn_dq_kernel" in x for x in names), names
     monkeypatch.setenv("BSBR_ATTN_WGMMA", "0")
-    out_ms, lse_ms, names = forward()
-    assert names and not any("wg::attn_fwd_kernel" in x for x in names), names
+    out_ms, lse_ms, dq_ms, names = run()
+    assert names and not any("wg::" in x for x in names), names
     assert rel_err(out, out_ms) < 1e-2, f"wgmma and mma.sync forward differ by {rel_err(out, out_ms):.3e}"
     assert (lse - lse_ms).abs().max().item() <= 1e-5 * max(1.0, lse_ms.abs().max().item())
+    assert rel_err(dq, dq_ms) < 1e-2, f"wgmma and mma.sync dQ differ by {rel_err(dq, dq_ms):.3e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
