@@ -57,6 +57,30 @@ __device__ __forceinline__ float (&acc64(float (&a)[N][4], int nb))[32] {
   return *reinterpret_cast<float(*)[32]>(&a[8 * nb][0]);
 }
 
+// acc (64 x D) += X V for the current tile, with X the 64 x kBN fp32 accumulator x (P in the
+// forward, dS in dQ) rounded to T as the register A operand, and V a swizzled [kBN][D] tile read
+// MN-major: a k step of 16 rows is two 8-row atoms (2048 bytes). Waits for the products.
+template <typename T, int D>
+__device__ __forceinline__ void add_regs_times_tile(float (&acc)[D / 8][4],
+                                                    const float (&x)[kBN / 8][4], const T* tile) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  uint32_t a[kBN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) mma::p_fragment<T>(a[kk], x, kk);
+  wgmma_fence();
+#pragma unroll
+  for (int nb = 0; nb < D / 64; ++nb)
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      wgmma_rs<T, true>(acc64(acc, nb), a[kk], sw_desc(tile + nb * kBN * 64) + (2048 >> 4) * kk);
+  wgmma_commit();
+  wgmma_wait<0>();
+#pragma unroll
+  for (int nb = 0; nb < D / 64; ++nb) fence_operands(acc64(acc, nb));
+  fence_operands(a);
+#endif
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -129,21 +153,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
     fence_operands(acc64(s, 0));
 
     mma::softmax_tile(s, o, m_r, l_r, n0, ra, lo_w, n, sl2);
-    uint32_t a[kBN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) mma::p_fragment<T>(a[kk], s, kk);
-    // O += P V: a k step of 16 keys is two 8-row atoms (2048 bytes).
-    wgmma_fence();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_rs<T, true>(acc64(o, nb), a[kk], sw_desc(sVs + nb * kBN * 64) + (2048 >> 4) * kk);
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(o, nb));
-    fence_operands(a);
+    add_regs_times_tile<T, D>(o, s, sVs);  // O += P V
     __syncthreads();  // every read of this stage is done before it is refilled
   }
 
@@ -216,7 +226,6 @@ template <int D> constexpr int kDqMinBlocks = D == 64 ? 3 : 2;
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int NB = D / 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
   T* sO = sQ + kBM * D;        // dO
@@ -288,21 +297,7 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
     fence_operands(acc64(dp, 0));
 
     mma::ds_tile(s, dp, n0, ra, lo_w, n, sl2, lse2, dlt);
-    uint32_t a[kBN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) mma::p_fragment<T>(a[kk], s, kk);
-    // dQ += dS K: a k step of 16 keys is two 8-row atoms (2048 bytes).
-    wgmma_fence();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_rs<T, true>(acc64(dq, nb), a[kk], sw_desc(sKs + nb * kBN * 64) + (2048 >> 4) * kk);
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(dq, nb));
-    fence_operands(a);
+    add_regs_times_tile<T, D>(dq, s, sKs);  // dQ += dS K
     __syncthreads();  // every read of this stage is done before it is refilled
   }
 
