@@ -89,6 +89,30 @@ __device__ __forceinline__ void load_a_rows2(const float* as, int xr, int k0, ui
   }
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The wgmma mixing kernels' 2-stage cp.async pipeline over k tiles [kb, ke) (mix_kernel's, plus
+// the fence that makes each landed stage visible to wgmma's async proxy): load(stage, kt) issues
+// one commit group; body(stage) runs once tile kt is in `stage`; a stage is refilled only after
+// every thread has left the body that read it.
+template <typename Load, typename Body>
+__device__ __forceinline__ void two_stage_pipeline(int kb, int ke, Load&& load, Body&& body) {
+  if (kb < ke) load(0, kb);
+  for (int kt = kb; kt < ke; ++kt) {
+    const int st = (kt - kb) & 1;
+    if (kt + 1 < ke) {
+      load(st ^ 1, kt + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    body(st);
+    __syncthreads();
+  }
+}
+#endif
+
 // Two CTAs per SM when P enters as its hi half only (99 KiB of shared memory, <= 128 registers);
 // one with the lo plane as well.
 template <int MODE, bool kALo>
@@ -150,17 +174,7 @@ __global__ void __launch_bounds__(kTThreads, kALo ? 1 : 2) mix_t_wgmma_kernel(co
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[nb][i] = 0.f;
 
-  if (kb < ke) load(0, kb);
-  for (int kt = kb; kt < ke; ++kt) {
-    const int st = (kt - kb) & 1;
-    if (kt + 1 < ke) {
-      load(st ^ 1, kt + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    fence_proxy_async();
-    __syncthreads();
+  two_stage_pipeline(kb, ke, load, [&](int st) {
     // A fragments in two register sets: the k step ks + 2 reuses the set of step ks once the
     // wgmma group that read it has completed, so its shared-memory reads overlap step ks + 1.
     const __nv_bfloat16* hi_tile = sB + st * Smem::kPlanes * Smem::kB;
@@ -194,8 +208,7 @@ __global__ void __launch_bounds__(kTThreads, kALo ? 1 : 2) mix_t_wgmma_kernel(co
     fence_operands(acc[1]);
     fence_operands(a[0]);
     fence_operands(a[1]);
-    __syncthreads();  // every read of this stage is done before it is refilled
-  }
+  });
 
   // acc[nb][4j + e]: fragment row g (+8 for e >= 2), i.e. x = xr + 2g (+1); output chunk
   // n0 + 64 nb + 8j + 2t (+1 for odd e).
@@ -298,17 +311,7 @@ static __global__ void __launch_bounds__(kTThreads, 2) scores_wgmma_kernel(const
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[nb][i] = 0.f;
 
-  if (kb < ke) load(0, kb);
-  for (int kt = kb; kt < ke; ++kt) {
-    const int st = (kt - kb) & 1;
-    if (kt + 1 < ke) {
-      load(st ^ 1, kt + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    fence_proxy_async();
-    __syncthreads();
+  two_stage_pipeline(kb, ke, load, [&](int st) {
     const float* a_tile = sA + st * kA;
     const __nv_bfloat16* b_tile = sB + st * kB;
     // A fragments in two register sets, as in mix_t_wgmma_kernel. A k' step of 16 is 8 words
@@ -342,8 +345,7 @@ static __global__ void __launch_bounds__(kTThreads, 2) scores_wgmma_kernel(const
     fence_operands(acc[1]);
     fence_operands(a[0]);
     fence_operands(a[1]);
-    __syncthreads();  // every read of this stage is done before it is refilled
-  }
+  });
 
   // acc[nb][4j + e]: row rg (+8 for e >= 2), column 64 nb + 8j + 2t (+1 for odd e).
   float* O = p.O + ((int64_t)split * p.bh + bh) * p.C * p.ldo;
