@@ -198,8 +198,7 @@ __device__ __forceinline__ void store_rows(const AttnParams& p, const float (&o)
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         const int col = dt * 8 + (lane % 4) * 2;
-        *reinterpret_cast<uint32_t*>(ob + (int64_t)row * D + col) =
-            pack2<T>(o[dt][2 * i], o[dt][2 * i + 1]);
+        store_pair<T>(ob, (int64_t)row * D + col, o[dt][2 * i], o[dt][2 * i + 1]);
       }
       if (lane % 4 == 0)
         p.lse[(int64_t)bh * n + row] = l_r[i] > 0.f ? (m_r[i] + log2f(l_r[i])) * kLn2 : -INFINITY;
