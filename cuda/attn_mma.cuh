@@ -40,13 +40,14 @@ __device__ __forceinline__ const T* head_ptr(const void* base, const Strides& s,
   return static_cast<const T*>(base) + bi * s.b + hi * s.h;
 }
 
-// Async copy of rows [r0, r0 + ROWS) of a [n, D] strided matrix; rows outside [0, n) read as 0.
-template <typename T, int D, int ROWS>
+// Async copy of rows [r0, r0 + ROWS) of a [n, D] strided matrix by a CTA of THREADS threads;
+// rows outside [0, n) read as 0.
+template <typename T, int D, int ROWS, int THREADS = kThreads>
 __device__ __forceinline__ void load_rows(T* s, const T* base, int64_t stride_n, int r0, int n) {
   constexpr int CPR = D / 8;  // 16-byte pieces per row
   constexpr int SD = Cfg<D>::SD;
 #pragma unroll
-  for (int idx = threadIdx.x; idx < ROWS * CPR; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < ROWS * CPR; idx += THREADS) {
     const int r = idx / CPR, c = idx % CPR;
     const int t = r0 + r;
     const bool ok = t >= 0 && t < n;
@@ -57,26 +58,26 @@ __device__ __forceinline__ void load_rows(T* s, const T* base, int64_t stride_n,
 
 // Stages scale * M for an fp32 [ds, D] matrix M (rows [ds, dsp) as zeros) as hi + lo halves of T
 // in shared memory (hi = round(x), lo = round(x - hi)); at(r, col) is the element offset of
-// columns col .. col + 3 of row r in both tiles. Each thread issues kBatch 16-byte loads before it
-// converts any: one load per step left the kernels waiting a full memory round trip per step
-// (ncu: latency-bound, low occupancy).
-template <typename T, int D, int kBatch, typename At>
+// columns col .. col + 3 of row r in both tiles. Each of the CTA's THREADS threads issues kBatch
+// 16-byte loads before it converts any: one load per step left the kernels waiting a full memory
+// round trip per step (ncu: latency-bound, low occupancy).
+template <typename T, int D, int kBatch, int THREADS = kThreads, typename At>
 __device__ __forceinline__ void stage_split_at(T* sHi, T* sLo, const float* M, int ds, int dsp,
                                                float scale, At at) {
   constexpr int kPerRow = D / 4;
   const int total = dsp * kPerRow;
-  for (int base = 0; base < total; base += kBatch * kThreads) {
+  for (int base = 0; base < total; base += kBatch * THREADS) {
     float4 val[kBatch];
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const int idx = base + i * kThreads + threadIdx.x, r = idx / kPerRow;
+      const int idx = base + i * THREADS + threadIdx.x, r = idx / kPerRow;
       val[i] = idx < total && r < ds
                    ? *reinterpret_cast<const float4*>(M + (int64_t)r * D + (idx % kPerRow) * 4)
                    : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const int idx = base + i * kThreads + threadIdx.x;
+      const int idx = base + i * THREADS + threadIdx.x;
       if (idx >= total) continue;
       // 4 elements per thread: one 8-byte store per half (16-bit stores took 4x the wavefronts).
       const int off = at(idx / kPerRow, (idx % kPerRow) * 4);
@@ -93,10 +94,10 @@ __device__ __forceinline__ void stage_split_at(T* sHi, T* sLo, const float* M, i
 }
 
 // stage_split_at into [dsp][SD] tiles (rows padded as everywhere in this file).
-template <typename T, int D>
+template <typename T, int D, int THREADS = kThreads>
 __device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int ds, int dsp,
                                             float scale) {
-  stage_split_at<T, D, 8>(sHi, sLo, M, ds, dsp, scale,
+  stage_split_at<T, D, 8, THREADS>(sHi, sLo, M, ds, dsp, scale,
                           [](int r, int col) { return r * Cfg<D>::SD + col; });
 }
 
@@ -718,15 +719,20 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
 // ---------------------------------------------------------------------------------------------
 // Chunk states on tensor cores: F_c = out_scale * X_c^T Y_c with X = p.qs [n, ds], Y = p.v [n, D]
 // (also dS_c = state_scale * qs^T dO in the backward). One CTA per (bh, chunk); M = state dims
-// (16-row tiles dealt round-robin to the 4 warps), N = D, K = the chunk's tokens in steps of 64.
+// (16-row tiles dealt round-robin to the warps), N = D, K = the chunk's tokens in steps of 64.
 // X^T comes straight from the token-major tile through ldmatrix.trans. The partial last chunk
 // and ds not a multiple of 16 are zero-padded in shared memory, so every product is exact in fp32.
 // With p.states_split the result is stored as split-bf16 words, the operand format of the
 // tensor-core retrieval mixing (retrieval_mma.cuh), which then never splits a fragment itself.
+// 8 warps at D = 128, one m-tile each: with 4 warps of two m-tiles each the kernel took 194
+// registers, ran 8 warps per SM and reached half of the DRAM bandwidth (ncu, Run 13).
+template <int D> constexpr int kStatesThreads = D > 64 ? 256 : kThreads;
+
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParams p) {
   constexpr int SD = Cfg<D>::SD, BT = 64, DT = D / 8;
-  constexpr int MTW = D > 64 ? 2 : 1;  // m-tiles per warp: ceil(D / 16 / 4)
+  constexpr int THREADS = kStatesThreads<D>, WARPS = THREADS / 32;
+  constexpr int MTW = (D / 16 + WARPS - 1) / WARPS;  // m-tiles per warp
   __shared__ __align__(16) T sX[BT * SD];
   __shared__ __align__(16) T sY[BT * SD];
   const int c = blockIdx.x % p.num_chunks, bh = blockIdx.x / p.num_chunks;
@@ -736,7 +742,7 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* xb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
   const T* yb = head_ptr<T>(p.v, p.v_st, bi, hi);
-  for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += kThreads) {
+  for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += THREADS) {
     const int r = idx / (dsp - ds), col = ds + idx % (dsp - ds);
     sX[r * SD + col] = from_f<T>(0.f);
   }
@@ -748,13 +754,13 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
   for (int s0 = t0; s0 < t1; s0 += BT) {
     __syncthreads();
     const int cpr = ds / 8;
-    for (int idx = threadIdx.x; idx < BT * cpr; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < BT * cpr; idx += THREADS) {
       const int r = idx / cpr, cc = idx % cpr;
       const int t = s0 + r;
       const bool ok = t < t1;
       cp_async16(sX + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
     }
-    load_rows<T, D, BT>(sY, yb, p.v_st.n, s0, t1);
+    load_rows<T, D, BT, THREADS>(sY, yb, p.v_st.n, s0, t1);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -762,7 +768,7 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
     for (int kk = 0; kk < BT / 16; ++kk) {
 #pragma unroll
       for (int i = 0; i < MTW; ++i) {
-        const int mt = warp + 4 * i;
+        const int mt = warp + WARPS * i;
         if (mt * 16 < dsp) {
           uint32_t a[4];
           ldsm_x4_t(a, sX + (kk * 16 + (lane / 16) * 8 + lane % 8) * SD + mt * 16 + ((lane / 8) % 2) * 8);
@@ -780,7 +786,7 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
   float* F = p.states + ((int64_t)bh * p.num_chunks + c) * ds * D;
 #pragma unroll
   for (int i = 0; i < MTW; ++i) {
-    const int mt = warp + 4 * i;
+    const int mt = warp + WARPS * i;
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
       const int row = mt * 16 + lane / 4 + h2 * 8;
@@ -809,10 +815,18 @@ __global__ void __launch_bounds__(kThreads) states_fwd_kernel(AttnParams p) {
 //       with x = p.qs (q_state), y = p.dout
 // M is fp32; it is split into hi + lo halves of T in shared memory (as in the forward epilogue),
 // so the products keep ~16 (bf16) / ~22 (fp16) significant bits of M with fp32 accumulation.
-// One CTA per (bh, chunk, 64-token block); warp w owns 16 tokens.
+// One CTA per (bh, chunk, block of kTokmatRows<D> tokens); warp w owns 16 tokens. At D >= 64
+// the CTA is 8 warps, so M is staged once per 128 tokens (with 16 loads in flight per thread at
+// D = 128): staging the 64 KiB of M per 64 tokens with 4 warps left the D = 128 kernel
+// latency-bound (ncu, Run 13: 12% occupancy, 22% of DRAM bandwidth). H200, 64k, per head group:
+// 75.5 -> 73.3 us at D = 128, 47.0 -> 45.7 us at D = 64.
+template <int D> constexpr int kTokmatThreads = D >= 64 ? 256 : kThreads;
+template <int D> constexpr int kTokmatRows = kTokmatThreads<D> / 2;  // 16 per warp
+
 template <typename T, int D, bool kPrep>
-__global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
-  constexpr int SD = Cfg<D>::SD, BT = 64, DT = D / 8;
+__global__ void __launch_bounds__(kTokmatThreads<D>) tokmat_kernel(AttnParams p) {
+  constexpr int SD = Cfg<D>::SD, BT = kTokmatRows<D>, DT = D / 8;
+  constexpr int THREADS = kTokmatThreads<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sMhi = reinterpret_cast<T*>(smem_raw);  // [D][SD], rows >= ds zero
   T* sMlo = sMhi + D * SD;
@@ -833,20 +847,22 @@ __global__ void __launch_bounds__(kThreads) tokmat_kernel(AttnParams p) {
   const T* yb = kPrep ? head_ptr<T>(p.dout, p.dout_st, bi, hi) : head_ptr<T>(p.v, p.v_st, bi, hi);
   const int64_t ystride = kPrep ? p.dout_st.n : p.v_st.n;
   const int cpr = ds / 8;
-  for (int idx = threadIdx.x; idx < BT * cpr; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < BT * cpr; idx += THREADS) {
     const int r = idx / cpr, cc = idx % cpr;
     const int t = t0 + r;
     const bool ok = t < t1;
     cp_async16(sX + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
   }
-  load_rows<T, D, BT>(sY, yb, ystride, t0, t1);
+  load_rows<T, D, BT, THREADS>(sY, yb, ystride, t0, t1);
   cp_async_commit();
-  for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += kThreads) {
+  for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += THREADS) {
     const int r = idx / (dsp - ds), col = ds + idx % (dsp - ds);
     sX[r * SD + col] = from_f<T>(0.f);
   }
   const float mscale = kPrep ? p.state_scale : 1.f;
-  stage_split<T, D>(sMhi, sMlo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp, mscale);
+  stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
+      sMhi, sMlo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp, mscale,
+      [](int r, int col) { return r * SD + col; });
   cp_async_wait<0>();
   __syncthreads();
 

@@ -305,5 +305,211 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
 #endif
 }
 
+// dK/dV on wgmma at D = 64 (one warpgroup per 64 keys; K, V fixed in swizzled tiles, Q / dO
+// tiles of 64 queries in 2 stages): S^T = K Q^T and dP^T = V dO^T from shared memory, P^T and
+// dS^T formed in the accumulators, then dV += P^T dO and dK += dS^T Q with Q / dO as MN-major
+// operands. With p.dF (k_state = k) the chunk-states backward is added before the one rounding,
+// as in mma::attn_dkv_kernel: dF_c staged hi/lo in the free Q stages, dk += v dF_c^T (dF_c as a
+// K-major operand) and dv += k dF_c (MN-major), with the warp's V / K rows as register A
+// operands (zero for a warp whose keys are in another chunk). 3 CTAs per SM: ptxas then fits it
+// in 168 registers with 16 bytes of spill; at 2 CTAs (196 registers, no spill) it took 107.5
+// instead of 90.3 us per head group (64k, d = 64, H200, Run 13).
+template <typename T>
+constexpr size_t kDkvSmemBytes = 6 * 64 * 64 * sizeof(T) + 6 * 64 * sizeof(float) + 1024;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 3) attn_dkv_kernel(AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = 64, QN = 64, NT = QN / 8, DT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
+  T* sV = sK + kBM * D;
+  T* sQ = sV + kBM * D;       // [2][QN][D]
+  T* sO = sQ + 2 * QN * D;    // [2][QN][D] dO
+  float* sL = reinterpret_cast<float*>(sO + 2 * QN * D);  // [2][QN] lse * log2e
+  float* sD = sL + 2 * QN;                                  // [2][QN] delta
+  int* sLo = reinterpret_cast<int*>(sD + 2 * QN);           // [2][QN] window start
+
+  const int ntile = cdiv(p.n, kBM);
+  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
+  const int bi = bh / p.h, hi = bh % p.h;
+  const int n = p.n, B = p.chunk, w = p.overlap;
+  const int m0 = tile * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int uw = m0 + warp * 16;  // 16 | B, so a warp's keys share one chunk
+  const int ua = uw + lane / 4;
+
+  const T* qb = mma::head_ptr<T>(p.q, p.q_st, bi, hi);
+  const T* ob = mma::head_ptr<T>(p.dout, p.dout_st, bi, hi);
+  const int q_lo = m0, q_hi = mma::query_end(min(n, m0 + kBM) - 1, B, w, n);
+  const int nq = cdiv(q_hi - q_lo, QN);
+  const float* lse = p.lse + (int64_t)bh * n;
+  const float* dlt = p.delta + (int64_t)bh * n;
+
+  auto load_stage = [&](int st, int t0) {
+    load_tile<T, D>(sQ + st * QN * D, qb, p.q_st.n, t0, n);
+    load_tile<T, D>(sO + st * QN * D, ob, p.dout_st.n, t0, n);
+    for (int i = threadIdx.x; i < QN; i += kThreads) {
+      const int t = t0 + i;
+      const bool ok = t < n;
+      sL[st * QN + i] = ok ? lse[t] * kLog2e : 0.f;
+      sD[st * QN + i] = ok ? dlt[t] : 0.f;
+      sLo[st * QN + i] = ok ? window_lo(t, B, w) : n;  // n: sees no key
+    }
+  };
+
+  load_tile<T, D>(sK, mma::head_ptr<T>(p.k, p.k_st, bi, hi), p.k_st.n, m0, n);
+  load_tile<T, D>(sV, mma::head_ptr<T>(p.v, p.v_st, bi, hi), p.v_st.n, m0, n);
+  load_stage(0, q_lo);
+  cp_async_commit();
+
+  float dk[DT][4], dv[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+
+  for (int j = 0; j < nq; ++j) {
+    const int n0 = q_lo + j * QN;
+    if (j + 1 < nq) {
+      load_stage((j + 1) & 1, n0 + QN);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const int st = j & 1;
+    const T* sQs = sQ + st * QN * D;
+    const T* sOs = sO + st * QN * D;
+    const float* sLs = sL + st * QN;
+    const float* sDs = sD + st * QN;
+    const int* sLos = sLo + st * QN;
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wgmma_ss<T>(acc64(s, 0), sw_desc(sK) + 2 * kk, sw_desc(sQs) + 2 * kk);
+      wgmma_ss<T>(acc64(dp, 0), sw_desc(sV) + 2 * kk, sw_desc(sOs) + 2 * kk);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc64(s, 0));
+    fence_operands(acc64(dp, 0));
+
+#pragma unroll
+    for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = e < 2 ? ua : ua + 8;
+        const int jl = jj * 8 + (lane % 4) * 2 + (e & 1);
+        const int t = n0 + jl;
+        const bool valid = key < n && key <= t && key >= sLos[jl];
+        const float pr = valid ? exp2f(s[jj][e] * sl2 - sLs[jl]) : 0.f;
+        s[jj][e] = pr;                           // P^T
+        dp[jj][e] = pr * (dp[jj][e] - sDs[jl]);  // dS^T
+      }
+    }
+    uint32_t ap[QN / 16][4], ad[QN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < QN / 16; ++kk) {
+      mma::p_fragment<T>(ap[kk], s, kk);
+      mma::p_fragment<T>(ad[kk], dp, kk);
+    }
+    // A k step of 16 queries is two 8-row atoms (2048 bytes) of the MN-major Q / dO tiles.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < QN / 16; ++kk) {
+      wgmma_rs<T, true>(acc64(dv, 0), ap[kk], sw_desc(sOs) + (2048 >> 4) * kk);
+      wgmma_rs<T, true>(acc64(dk, 0), ad[kk], sw_desc(sQs) + (2048 >> 4) * kk);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc64(dv, 0));
+    fence_operands(acc64(dk, 0));
+    fence_operands(ap);
+    fence_operands(ad);
+    __syncthreads();  // every read of this stage is done before it is refilled
+  }
+
+#pragma unroll
+  for (int i = 0; i < DT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
+
+  if (p.dF != nullptr) {
+    T* sF_hi = sQ;           // Q stage 0
+    T* sF_lo = sQ + QN * D;  // Q stage 1
+    const int c_first = m0 / B, c_last = (min(n, m0 + kBM) - 1) / B;
+    const int cw = min(uw, n - 1) / B;
+    const bool warp_ok = uw < n;
+    // The warp's rows of V and K as A fragments (k = the 64 dims), read once.
+    uint32_t av[D / 16][4], ak[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      ldsm_x4(av[kk], sV + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
+      ldsm_x4(ak[kk], sK + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
+    }
+#pragma unroll 1
+    for (int c = c_first; c <= c_last; ++c) {
+      __syncthreads();
+      mma::stage_split_at<T, D, 8>(sF_hi, sF_lo, p.dF + ((int64_t)bh * p.num_chunks + c) * D * D, D,
+                                   D, 1.f, [](int r, int col) { return sw<D>(r, col / 8) + col % 8; });
+      fence_proxy_async();
+      __syncthreads();
+      const bool mine = warp_ok && cw == c;
+      uint32_t a1[D / 16][4], a2[D / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          a1[kk][i] = mine ? av[kk][i] : 0u;
+          a2[kk][i] = mine ? ak[kk][i] : 0u;
+        }
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        // dk[:, r] += sum_j v[:, j] dF[r, j]: B(j, r) = dF[r][j], K-major (32 bytes per k step).
+        wgmma_rs<T, false>(acc64(dk, 0), a1[kk], sw_desc(sF_hi) + 2 * kk);
+        wgmma_rs<T, false>(acc64(dk, 0), a1[kk], sw_desc(sF_lo) + 2 * kk);
+        // dv[:, j] += sum_i k[:, i] dF[i, j]: B(i, j) = dF[i][j], MN-major (2048 bytes per step).
+        wgmma_rs<T, true>(acc64(dv, 0), a2[kk], sw_desc(sF_hi) + (2048 >> 4) * kk);
+        wgmma_rs<T, true>(acc64(dv, 0), a2[kk], sw_desc(sF_lo) + (2048 >> 4) * kk);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc64(dk, 0));
+      fence_operands(acc64(dv, 0));
+      fence_operands(a1);
+      fence_operands(a2);
+    }
+  }
+
+  T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
+  T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = ua + 8 * i;
+    if (row < n) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        *reinterpret_cast<uint32_t*>(okp + (int64_t)row * D + col) =
+            pack2<T>(dk[dt][2 * i], dk[dt][2 * i + 1]);
+        *reinterpret_cast<uint32_t*>(ovp + (int64_t)row * D + col) =
+            pack2<T>(dv[dt][2 * i], dv[dt][2 * i + 1]);
+      }
+    }
+  }
+#endif
+}
+
 }  // namespace wg
 }  // namespace bsbr_cuda

@@ -56,8 +56,20 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
     if (!p.simt) {
       constexpr int SD = mma::Cfg<D>::SD, BN = mma::Cfg<D>::BN_BWD;
       const size_t smem = (2 * mma::kBM + 4 * BN) * SD * sizeof(T) + 6 * BN * sizeof(float);
-      launch_smem(mma::attn_dkv_kernel<T, D>, grid_rows(p, mma::kBM), mma::kThreads, smem, stream,
-                  p);
+      // dK/dV on wgmma exists for d = 64 only: at d = 128 its two accumulators do not fit the
+      // register file next to the score tiles.
+      bool dkv_launched = false;
+      if constexpr (D == 64) {
+        if (p.wgmma) {
+          launch_smem(wg::attn_dkv_kernel<T>, grid_rows(p, wg::kBM), wg::kThreads,
+                      wg::kDkvSmemBytes<T>, stream, p);
+          dkv_launched = true;
+        }
+      }
+      if (!dkv_launched) {
+        launch_smem(mma::attn_dkv_kernel<T, D>, grid_rows(p, mma::kBM), mma::kThreads, smem,
+                    stream, p);
+      }
       if constexpr (D == 64 || D == 128) {
         if (p.wgmma) {
           return launch_smem(wg::attn_dq_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
@@ -79,7 +91,7 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
 template <typename T, int D> void run_states_fwd(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHasMma<T>) {
     if (!p.simt) {
-      mma::states_fwd_kernel<T, D><<<grid_chunks(p), mma::kThreads, 0, stream>>>(p);
+      mma::states_fwd_kernel<T, D><<<grid_chunks(p), mma::kStatesThreads<D>, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -89,10 +101,10 @@ template <typename T, int D> void run_states_fwd(const AttnParams& p, cudaStream
 }
 
 template <typename T, bool kPrep, int D> void run_tokmat(const AttnParams& p, cudaStream_t stream) {
-  constexpr int SD = mma::Cfg<D>::SD;
-  const unsigned grid = static_cast<unsigned>(cdiv(p.chunk, 64)) * grid_chunks(p);
-  launch_smem(mma::tokmat_kernel<T, D, kPrep>, grid, mma::kThreads,
-              (2 * D + 2 * 64) * SD * sizeof(T), stream, p);
+  constexpr int SD = mma::Cfg<D>::SD, rows = mma::kTokmatRows<D>;
+  const unsigned grid = static_cast<unsigned>(cdiv(p.chunk, rows)) * grid_chunks(p);
+  launch_smem(mma::tokmat_kernel<T, D, kPrep>, grid, mma::kTokmatThreads<D>,
+              (2 * D + 2 * rows) * SD * sizeof(T), stream, p);
 }
 
 template <typename T, int D> void run_states_bwd(const AttnParams& p, cudaStream_t stream) {

@@ -377,12 +377,12 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6]])
 @pytest.mark.parametrize("state", ["separate", "q"])
 def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
-    """On a compute capability 9.0 GPU the attention forward and the dQ kernel at d = 64 / 128 run
-    on wgmma (attn_wgmma.cuh), on mma.sync with BSBR_ATTN_WGMMA=0. Both are checked against the
-    fp64 truth by the tests above (whichever the GPU runs); here they must also agree with each
-    other to a rounding of the dtype, for chunks narrower than the 64-row tile (B = 16: several
-    chunks per tile), overlap, q_state = q (read from the Q tile) and a separate q_state with
-    ds < d."""
+    """On a compute capability 9.0 GPU the attention forward and the dQ kernel at d = 64 / 128,
+    and the dK/dV kernel at d = 64, run on wgmma (attn_wgmma.cuh), on mma.sync with
+    BSBR_ATTN_WGMMA=0. Both are checked against the fp64 truth by the tests above (whichever the
+    GPU runs); here they must also agree with each other to a rounding of the dtype, for chunks
+    narrower than the 64-row tile (B = 16: several chunks per tile), overlap, q_state = q (read
+    from the Q tile) and a separate q_state with ds < d."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma attention runs on compute capability 9.0 only")
     b, h, n, chunk, w = cfg
@@ -398,20 +398,56 @@ def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
     def run():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out, lse = ops._chunk_attention_fwd(q, k, v, qs, R, chunk, w, scale, ss)
-            dq = ops._chunk_attention_bwd(g, q, k, v, qs, R, out, lse, chunk, w, scale, ss)[0]
+            dq, dk, dv = ops._chunk_attention_bwd(g, q, k, v, qs, R, out, lse, chunk, w, scale, ss)[:3]
             torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if "attn_fwd_kernel" in e.name or "attn_dq_kernel" in e.name]
-        return out, lse, dq, names
+        names = [e.name for e in prof.events() if "attn_" in e.name and "_kernel" in e.name]
+        return [out, lse, dq, dk, dv], names
 
-    out, lse, dq, names = run()
-    assert len(names) == 2 and all("wg::" in x for x in names), names
-    assert any("attn_dq_kernel" in x for x in names), names
+    got, names = run()
+    on_wgmma = {x.split("attn_")[1].split("_kernel")[0] for x in names if "wg::" in x}
+    assert len(names) == 3 and on_wgmma == ({"fwd", "dq", "dkv"} if d == 64 else {"fwd", "dq"}), names
     monkeypatch.setenv("BSBR_ATTN_WGMMA", "0")
-    out_ms, lse_ms, dq_ms, names = run()
+    want, names = run()
+    assert len(names) == 3 and not any("wg::" in x for x in names), names
+    for name, a, b_ in zip(["out", "lse", "dq", "dk", "dv"], got, want):
+        if name == "lse":
+            assert (a - b_).abs().max().item() <= 1e-5 * max(1.0, b_.abs().max().item())
+        else:
+            assert rel_err(a, b_) < 1e-2, f"wgmma and mma.sync {name} differ by {rel_err(a, b_):.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6]])
+def test_fused_dkv_on_wgmma(dtype, cfg, monkeypatch):
+    """The fused backward with the states omitted (k_state = k) adds the chunk-states backward
+    (dF) inside the dK/dV kernel; at d = 64 on a compute capability 9.0 GPU that is the wgmma
+    kernel, whose k and v gradients must agree with the mma.sync kernel's."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma attention runs on compute capability 9.0 only")
+    b, h, n, chunk, w = cfg
+    d = 64
+    skip_unless_compiled(dtype, d)
+    gen = torch.Generator(device=DEV).manual_seed(23)
+    q, k, v, _, _, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, dtype, gen)
+    scale, ms, ss = scales(d, mq.shape[-1], d, chunk)
+    ins = [q, k, v, mq, mk, None, None]
+    out, lse = ops._bsbr_attention_fwd(*ins, chunk, w, scale, ms, ss * 8)
+    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+
+    def run():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            grads = ops._bsbr_attention_bwd(g, *ins, out, lse, chunk, w, scale, ms, ss * 8)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "attn_dkv_kernel" in e.name]
+        return grads, names
+
+    got, names = run()
+    assert names and all("wg::" in x for x in names), names
+    monkeypatch.setenv("BSBR_ATTN_WGMMA", "0")
+    want, names = run()
     assert names and not any("wg::" in x for x in names), names
-    assert rel_err(out, out_ms) < 1e-2, f"wgmma and mma.sync forward differ by {rel_err(out, out_ms):.3e}"
-    assert (lse - lse_ms).abs().max().item() <= 1e-5 * max(1.0, lse_ms.abs().max().item())
-    assert rel_err(dq, dq_ms) < 1e-2, f"wgmma and mma.sync dQ differ by {rel_err(dq, dq_ms):.3e}"
+    for name, a, b_ in zip(FUSED_GRADS[:5], got, want):
+        assert rel_err(a, b_) < 1e-2, f"wgmma and mma.sync {name} differ by {rel_err(a, b_):.3e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
