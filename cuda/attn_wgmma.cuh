@@ -305,22 +305,25 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
 #endif
 }
 
-// dK/dV on wgmma at D = 64 (one warpgroup per 64 keys; K, V fixed in swizzled tiles, Q / dO
-// tiles of 64 queries in 2 stages): S^T = K Q^T and dP^T = V dO^T from shared memory, P^T and
-// dS^T formed in the accumulators, then dV += P^T dO and dK += dS^T Q with Q / dO as MN-major
-// operands. With p.dF (k_state = k) the chunk-states backward is added before the one rounding,
-// as in mma::attn_dkv_kernel: dF_c staged hi/lo in the free Q stages, dk += v dF_c^T (dF_c as a
-// K-major operand) and dv += k dF_c (MN-major), with the warp's V / K rows as register A
-// operands (zero for a warp whose keys are in another chunk). 3 CTAs per SM: ptxas then fits it
-// in 168 registers with 16 bytes of spill; at 2 CTAs (196 registers, no spill) it took 107.5
-// instead of 90.3 us per head group (64k, d = 64, H200, Run 13).
-template <typename T>
-constexpr size_t kDkvSmemBytes = 6 * 64 * 64 * sizeof(T) + 6 * 64 * sizeof(float) + 1024;
+// dK/dV on wgmma (one warpgroup per 64 keys; K, V fixed in swizzled tiles, Q / dO tiles of 64
+// queries in 2 stages): S^T = K Q^T and dP^T = V dO^T from shared memory, P^T and dS^T formed in
+// the accumulators, then dV += P^T dO and dK += dS^T Q with Q / dO as MN-major operands. With
+// p.dF (k_state = k) the chunk-states backward is added before the one rounding, as in
+// mma::attn_dkv_kernel: dF_c staged hi/lo in the free Q stages, 64 of its rows at a time,
+// dk += v dF_c^T (dF_c as a K-major operand) and dv += k dF_c (MN-major), with the warp's V / K
+// rows as register A operands (zero for a warp whose keys are in another chunk).
+// D = 64: 3 CTAs per SM; ptxas then fits it in 168 registers with 16 bytes of spill; at 2 CTAs
+// (196 registers, no spill) it took 107.5 instead of 90.3 us per head group (64k, H200, Run 13).
+// D = 128: the dk and dv accumulators are 128 registers per thread; the score tiles (64 more)
+// die into their 32 registers of A fragments, so it fits 2 CTAs per SM (255 registers each).
+template <int D> constexpr int kDkvMinBlocks = D == 64 ? 3 : 2;
+template <typename T, int D>
+constexpr size_t kDkvSmemBytes = 6 * 64 * D * sizeof(T) + 6 * 64 * sizeof(float) + 1024;
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 3) attn_dkv_kernel(AttnParams p) {
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int D = 64, QN = 64, NT = QN / 8, DT = D / 8;
+  constexpr int QN = 64, NT = QN / 8, DT = D / 8, NB = D / 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
   T* sV = sK + kBM * D;
@@ -388,6 +391,7 @@ __global__ void __launch_bounds__(kThreads, 3) attn_dkv_kernel(AttnParams p) {
     const float* sDs = sD + st * QN;
     const int* sLos = sLo + st * QN;
 
+    // S^T = K Q^T, dP^T = V dO^T: a k step of 16 dims is 32 bytes along a swizzled row.
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
@@ -396,8 +400,11 @@ __global__ void __launch_bounds__(kThreads, 3) attn_dkv_kernel(AttnParams p) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      wgmma_ss<T>(acc64(s, 0), sw_desc(sK) + 2 * kk, sw_desc(sQs) + 2 * kk);
-      wgmma_ss<T>(acc64(dp, 0), sw_desc(sV) + 2 * kk, sw_desc(sOs) + 2 * kk);
+      const int blk = kk / 4, step = 2 * (kk % 4);
+      wgmma_ss<T>(acc64(s, 0), sw_desc(sK + blk * kBM * 64) + step,
+                  sw_desc(sQs + blk * QN * 64) + step);
+      wgmma_ss<T>(acc64(dp, 0), sw_desc(sV + blk * kBM * 64) + step,
+                  sw_desc(sOs + blk * QN * 64) + step);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -426,14 +433,19 @@ __global__ void __launch_bounds__(kThreads, 3) attn_dkv_kernel(AttnParams p) {
     // A k step of 16 queries is two 8-row atoms (2048 bytes) of the MN-major Q / dO tiles.
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < QN / 16; ++kk) {
-      wgmma_rs<T, true>(acc64(dv, 0), ap[kk], sw_desc(sOs) + (2048 >> 4) * kk);
-      wgmma_rs<T, true>(acc64(dk, 0), ad[kk], sw_desc(sQs) + (2048 >> 4) * kk);
-    }
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int kk = 0; kk < QN / 16; ++kk) {
+        wgmma_rs<T, true>(acc64(dv, nb), ap[kk], sw_desc(sOs + nb * QN * 64) + (2048 >> 4) * kk);
+        wgmma_rs<T, true>(acc64(dk, nb), ad[kk], sw_desc(sQs + nb * QN * 64) + (2048 >> 4) * kk);
+      }
     wgmma_commit();
     wgmma_wait<0>();
-    fence_operands(acc64(dv, 0));
-    fence_operands(acc64(dk, 0));
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      fence_operands(acc64(dv, nb));
+      fence_operands(acc64(dk, nb));
+    }
     fence_operands(ap);
     fence_operands(ad);
     __syncthreads();  // every read of this stage is done before it is refilled
@@ -445,50 +457,63 @@ __global__ void __launch_bounds__(kThreads, 3) attn_dkv_kernel(AttnParams p) {
     for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
 
   if (p.dF != nullptr) {
-    T* sF_hi = sQ;           // Q stage 0
-    T* sF_lo = sQ + QN * D;  // Q stage 1
+    // A slab of 64 rows of dF_c: hi in Q stage 0, lo in Q stage 1 ([64][D] swizzled each).
+    T* sF_hi = sQ;
+    T* sF_lo = sQ + QN * D;
     const int c_first = m0 / B, c_last = (min(n, m0 + kBM) - 1) / B;
     const int cw = min(uw, n - 1) / B;
     const bool warp_ok = uw < n;
-    // The warp's rows of V and K as A fragments (k = the 64 dims), read once.
-    uint32_t av[D / 16][4], ak[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      ldsm_x4(av[kk], sV + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
-      ldsm_x4(ak[kk], sK + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
-    }
 #pragma unroll 1
     for (int c = c_first; c <= c_last; ++c) {
-      __syncthreads();
-      mma::stage_split_at<T, D, 8>(sF_hi, sF_lo, p.dF + ((int64_t)bh * p.num_chunks + c) * D * D, D,
-                                   D, 1.f, [](int r, int col) { return sw<D>(r, col / 8) + col % 8; });
-      fence_proxy_async();
-      __syncthreads();
       const bool mine = warp_ok && cw == c;
-      uint32_t a1[D / 16][4], a2[D / 16][4];
+      const float* dF = p.dF + ((int64_t)bh * p.num_chunks + c) * D * D;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
+      for (int r0 = 0; r0 < D; r0 += 64) {
+        __syncthreads();
+        mma::stage_split_at<T, D, 8>(sF_hi, sF_lo, dF + r0 * D, 64, 64, 1.f,
+                                     [](int r, int col) { return sw<64>(r, col / 8) + col % 8; });
+        fence_proxy_async();
+        __syncthreads();
+        // The warp's rows of V (all D dims) and of K (the slab's 64 dims) as A fragments.
+        uint32_t av[D / 16][4], ak[4][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          a1[kk][i] = mine ? av[kk][i] : 0u;
-          a2[kk][i] = mine ? ak[kk][i] : 0u;
+        for (int kk = 0; kk < D / 16; ++kk) {
+          ldsm_x4(av[kk], sV + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) av[kk][i] = mine ? av[kk][i] : 0u;
         }
-      wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        // dk[:, r] += sum_j v[:, j] dF[r, j]: B(j, r) = dF[r][j], K-major (32 bytes per k step).
-        wgmma_rs<T, false>(acc64(dk, 0), a1[kk], sw_desc(sF_hi) + 2 * kk);
-        wgmma_rs<T, false>(acc64(dk, 0), a1[kk], sw_desc(sF_lo) + 2 * kk);
-        // dv[:, j] += sum_i k[:, i] dF[i, j]: B(i, j) = dF[i][j], MN-major (2048 bytes per step).
-        wgmma_rs<T, true>(acc64(dv, 0), a2[kk], sw_desc(sF_hi) + (2048 >> 4) * kk);
-        wgmma_rs<T, true>(acc64(dv, 0), a2[kk], sw_desc(sF_lo) + (2048 >> 4) * kk);
+        for (int kk = 0; kk < 4; ++kk) {
+          ldsm_x4(ak[kk], sK + sw<kBM>(warp * 16 + lane % 16, r0 / 8 + kk * 2 + lane / 16));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) ak[kk][i] = mine ? ak[kk][i] : 0u;
+        }
+        wgmma_fence();
+        // dk[:, r0 + r] += sum_j v[:, j] dF[r0 + r, j]: B(j, r) = dF[r0 + r][j], K-major.
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const int blk = kk / 4, step = 2 * (kk % 4);
+          wgmma_rs<T, false>(acc64(dk, r0 / 64), av[kk], sw_desc(sF_hi + blk * 64 * 64) + step);
+          wgmma_rs<T, false>(acc64(dk, r0 / 64), av[kk], sw_desc(sF_lo + blk * 64 * 64) + step);
+        }
+        // dv[:, j] += sum_i k[:, r0 + i] dF[r0 + i, j]: B(i, j) = dF[r0 + i][j], MN-major.
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            wgmma_rs<T, true>(acc64(dv, nb), ak[kk], sw_desc(sF_hi + nb * 64 * 64) + (2048 >> 4) * kk);
+            wgmma_rs<T, true>(acc64(dv, nb), ak[kk], sw_desc(sF_lo + nb * 64 * 64) + (2048 >> 4) * kk);
+          }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+          fence_operands(acc64(dk, nb));
+          fence_operands(acc64(dv, nb));
+        }
+        fence_operands(av);
+        fence_operands(ak);
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(acc64(dk, 0));
-      fence_operands(acc64(dv, 0));
-      fence_operands(a1);
-      fence_operands(a2);
     }
   }
 

@@ -56,26 +56,16 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
     if (!p.simt) {
       constexpr int SD = mma::Cfg<D>::SD, BN = mma::Cfg<D>::BN_BWD;
       const size_t smem = (2 * mma::kBM + 4 * BN) * SD * sizeof(T) + 6 * BN * sizeof(float);
-      // dK/dV on wgmma exists for d = 64 only: at d = 128 its two accumulators do not fit the
-      // register file next to the score tiles.
-      bool dkv_launched = false;
-      if constexpr (D == 64) {
-        if (p.wgmma) {
-          launch_smem(wg::attn_dkv_kernel<T>, grid_rows(p, wg::kBM), wg::kThreads,
-                      wg::kDkvSmemBytes<T>, stream, p);
-          dkv_launched = true;
-        }
-      }
-      if (!dkv_launched) {
-        launch_smem(mma::attn_dkv_kernel<T, D>, grid_rows(p, mma::kBM), mma::kThreads, smem,
-                    stream, p);
-      }
       if constexpr (D == 64 || D == 128) {
         if (p.wgmma) {
+          launch_smem(wg::attn_dkv_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
+                      wg::kDkvSmemBytes<T, D>, stream, p);
           return launch_smem(wg::attn_dq_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
                              wg::kDqSmemBytes<T, D>, stream, p);
         }
       }
+      launch_smem(mma::attn_dkv_kernel<T, D>, grid_rows(p, mma::kBM), mma::kThreads, smem, stream,
+                  p);
       return launch_smem(mma::attn_dq_kernel<T, D>, grid_rows(p, mma::kBM), mma::kThreads, smem,
                          stream, p);
     }

@@ -377,9 +377,8 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6]])
 @pytest.mark.parametrize("state", ["separate", "q"])
 def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
-    """On a compute capability 9.0 GPU the attention forward and the dQ kernel at d = 64 / 128,
-    and the dK/dV kernel at d = 64, run on wgmma (attn_wgmma.cuh), on mma.sync with
-    BSBR_ATTN_WGMMA=0. Both are checked against the fp64 truth by the tests above (whichever the
+    """On a compute capability 9.0 GPU the attention forward, dQ and dK/dV kernels at d = 64 / 128
+    run on wgmma (attn_wgmma.cuh), on mma.sync with BSBR_ATTN_WGMMA=0. Both are checked against the fp64 truth by the tests above (whichever the
     GPU runs); here they must also agree with each other to a rounding of the dtype, for chunks
     narrower than the 64-row tile (B = 16: several chunks per tile), overlap, q_state = q (read
     from the Q tile) and a separate q_state with ds < d."""
@@ -405,7 +404,7 @@ def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
 
     got, names = run()
     on_wgmma = {x.split("attn_")[1].split("_kernel")[0] for x in names if "wg::" in x}
-    assert len(names) == 3 and on_wgmma == ({"fwd", "dq", "dkv"} if d == 64 else {"fwd", "dq"}), names
+    assert len(names) == 3 and on_wgmma == {"fwd", "dq", "dkv"}, names
     monkeypatch.setenv("BSBR_ATTN_WGMMA", "0")
     want, names = run()
     assert len(names) == 3 and not any("wg::" in x for x in names), names
@@ -417,15 +416,15 @@ def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6]])
-def test_fused_dkv_on_wgmma(dtype, cfg, monkeypatch):
+def test_fused_dkv_on_wgmma(dtype, d, cfg, monkeypatch):
     """The fused backward with the states omitted (k_state = k) adds the chunk-states backward
-    (dF) inside the dK/dV kernel; at d = 64 on a compute capability 9.0 GPU that is the wgmma
-    kernel, whose k and v gradients must agree with the mma.sync kernel's."""
+    (dF) inside the dK/dV kernel; on a compute capability 9.0 GPU that is the wgmma kernel, whose
+    gradients must agree with the mma.sync kernel's (d = 128: two 64-row slabs of dF)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma attention runs on compute capability 9.0 only")
     b, h, n, chunk, w = cfg
-    d = 64
     skip_unless_compiled(dtype, d)
     gen = torch.Generator(device=DEV).manual_seed(23)
     q, k, v, _, _, mq, mk, _ = attn_inputs(b, h, n, d, d, chunk, dtype, gen)
