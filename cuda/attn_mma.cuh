@@ -238,6 +238,43 @@ __device__ __forceinline__ void ds_tile(float (&s)[NT][4], const float (&dp)[NT]
   }
 }
 
+// The dK/dV kernels' per-query columns of a stage of queries [t0, t0 + N): lse in log2 units,
+// delta, and the window start (n for a query past the end: it sees no key).
+template <int N>
+__device__ __forceinline__ void load_query_stats(float* sL, float* sD, int* sLo, const float* lse,
+                                                 const float* dlt, int t0, int n, int B, int w) {
+  for (int i = threadIdx.x; i < N; i += kThreads) {
+    const int t = t0 + i;
+    const bool ok = t < n;
+    sL[i] = ok ? lse[t] * kLog2e : 0.f;
+    sD[i] = ok ? dlt[t] : 0.f;
+    sLo[i] = ok ? window_lo(t, B, w) : n;
+  }
+}
+
+// P^T and dS^T = P^T (dP^T - delta) in place of the transposed logits s and dp of keys ua,
+// ua + 8 (the accumulators' rows) and queries [n0, n0 + 8 NT) (columns, with the stage's
+// load_query_stats in sL, sD, sLo); zero where the query does not see the key.
+template <int NT>
+__device__ __forceinline__ void dst_tile(float (&s)[NT][4], float (&dp)[NT][4], int n0, int ua,
+                                         int n, float sl2, const float* sL, const float* sD,
+                                         const int* sLo) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int jj = 0; jj < NT; ++jj) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = e < 2 ? ua : ua + 8;
+      const int jl = jj * 8 + (lane % 4) * 2 + (e & 1);
+      const int t = n0 + jl;
+      const bool valid = key < n && key <= t && key >= sLo[jl];
+      const float pr = valid ? exp2f(s[jj][e] * sl2 - sL[jl]) : 0.f;
+      s[jj][e] = pr;                        // P^T
+      dp[jj][e] = pr * (dp[jj][e] - sD[jl]);  // dS^T
+    }
+  }
+}
+
 // The dQ kernels' epilogue: dq * scale (plus what p.dq holds when p.dq_accumulate) into rows ra
 // and ra + 8 of p.dq (contiguous [bh, n, D]).
 template <typename T, int DT>
@@ -548,13 +585,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
   auto load_stage = [&](int st, int t0) {
     load_rows<T, D, BN>(sQ + st * BN * SD, qb, p.q_st.n, t0, n);
     load_rows<T, D, BN>(sO + st * BN * SD, ob, p.dout_st.n, t0, n);
-    for (int i = threadIdx.x; i < BN; i += kThreads) {
-      const int t = t0 + i;
-      const bool ok = t < n;
-      sL[st * BN + i] = ok ? lse[t] * kLog2e : 0.f;
-      sD[st * BN + i] = ok ? dlt[t] : 0.f;
-      sLo[st * BN + i] = ok ? window_lo(t, B, w) : n;  // n: sees no key
-    }
+    load_query_stats<BN>(sL + st * BN, sD + st * BN, sLo + st * BN, lse, dlt, t0, n, B, w);
   };
 
   load_rows<T, D, kBM>(sK, head_ptr<T>(p.k, p.k_st, bi, hi), p.k_st.n, m0, n);
@@ -608,19 +639,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
           mma16816<T>(dp[2 * nn + 1], av, b[2], b[3]);
         }
       }
-#pragma unroll
-      for (int jj = 0; jj < NT; ++jj) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = e < 2 ? ua : ub;
-          const int jl = jj * 8 + (lane % 4) * 2 + (e & 1);
-          const int t = n0 + jl;
-          const bool valid = key < n && key <= t && key >= sLos[jl];
-          const float pr = valid ? exp2f(s[jj][e] * sl2 - sLs[jl]) : 0.f;
-          s[jj][e] = pr;                        // P^T
-          dp[jj][e] = pr * (dp[jj][e] - sDs[jl]);  // dS^T
-        }
-      }
+      dst_tile(s, dp, n0, ua, n, sl2, sLs, sDs, sLos);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         uint32_t ap[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),

@@ -81,6 +81,31 @@ __device__ __forceinline__ void add_regs_times_tile(float (&acc)[D / 8][4],
 #endif
 }
 
+// s = A1 B1^T and dp = A2 B2^T (64 x 64, fp32) summed over D, for swizzled [64][D] tiles read
+// K-major: a k step of 16 of the D columns is 32 bytes along a swizzled row. The backward's two
+// score products (dQ: Q K^T and dO V^T; dK/dV: K Q^T and V dO^T). Waits for the products.
+template <typename T, int D>
+__device__ __forceinline__ void two_products(float (&s)[8][4], float (&dp)[8][4], const T* a1,
+                                             const T* b1, const T* a2, const T* b2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int blk = kk / 4, step = 2 * (kk % 4);
+    wgmma_ss<T>(acc64(s, 0), sw_desc(a1 + blk * 64 * 64) + step, sw_desc(b1 + blk * 64 * 64) + step);
+    wgmma_ss<T>(acc64(dp, 0), sw_desc(a2 + blk * 64 * 64) + step, sw_desc(b2 + blk * 64 * 64) + step);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc64(s, 0));
+  fence_operands(acc64(dp, 0));
+#endif
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -278,24 +303,7 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
     const T* sVs = sV + (j & 1) * kBN * D;
 
     float s[kBN / 8][4], dp[kBN / 8][4];
-#pragma unroll
-    for (int i = 0; i < kBN / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int blk = kk / 4, step = 2 * (kk % 4);
-      wgmma_ss<T>(acc64(s, 0), sw_desc(sQ + blk * kBM * 64) + step,
-                  sw_desc(sKs + blk * kBN * 64) + step);
-      wgmma_ss<T>(acc64(dp, 0), sw_desc(sO + blk * kBM * 64) + step,
-                  sw_desc(sVs + blk * kBN * 64) + step);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(acc64(s, 0));
-    fence_operands(acc64(dp, 0));
-
+    two_products<T, D>(s, dp, sQ, sKs, sO, sVs);  // S = Q K^T, dP = dO V^T
     mma::ds_tile(s, dp, n0, ra, lo_w, n, sl2, lse2, dlt);
     add_regs_times_tile<T, D>(dq, s, sKs);  // dQ += dS K
     __syncthreads();  // every read of this stage is done before it is refilled
@@ -352,13 +360,7 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
   auto load_stage = [&](int st, int t0) {
     load_tile<T, D>(sQ + st * QN * D, qb, p.q_st.n, t0, n);
     load_tile<T, D>(sO + st * QN * D, ob, p.dout_st.n, t0, n);
-    for (int i = threadIdx.x; i < QN; i += kThreads) {
-      const int t = t0 + i;
-      const bool ok = t < n;
-      sL[st * QN + i] = ok ? lse[t] * kLog2e : 0.f;
-      sD[st * QN + i] = ok ? dlt[t] : 0.f;
-      sLo[st * QN + i] = ok ? window_lo(t, B, w) : n;  // n: sees no key
-    }
+    mma::load_query_stats<QN>(sL + st * QN, sD + st * QN, sLo + st * QN, lse, dlt, t0, n, B, w);
   };
 
   load_tile<T, D>(sK, mma::head_ptr<T>(p.k, p.k_st, bi, hi), p.k_st.n, m0, n);
@@ -391,39 +393,10 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
     const float* sDs = sD + st * QN;
     const int* sLos = sLo + st * QN;
 
-    // S^T = K Q^T, dP^T = V dO^T: a k step of 16 dims is 32 bytes along a swizzled row.
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int blk = kk / 4, step = 2 * (kk % 4);
-      wgmma_ss<T>(acc64(s, 0), sw_desc(sK + blk * kBM * 64) + step,
-                  sw_desc(sQs + blk * QN * 64) + step);
-      wgmma_ss<T>(acc64(dp, 0), sw_desc(sV + blk * kBM * 64) + step,
-                  sw_desc(sOs + blk * QN * 64) + step);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(acc64(s, 0));
-    fence_operands(acc64(dp, 0));
+    two_products<T, D>(s, dp, sK, sQs, sV, sOs);  // S^T = K Q^T, dP^T = V dO^T
 
-#pragma unroll
-    for (int jj = 0; jj < NT; ++jj) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = e < 2 ? ua : ua + 8;
-        const int jl = jj * 8 + (lane % 4) * 2 + (e & 1);
-        const int t = n0 + jl;
-        const bool valid = key < n && key <= t && key >= sLos[jl];
-        const float pr = valid ? exp2f(s[jj][e] * sl2 - sLs[jl]) : 0.f;
-        s[jj][e] = pr;                           // P^T
-        dp[jj][e] = pr * (dp[jj][e] - sDs[jl]);  // dS^T
-      }
-    }
+    mma::dst_tile(s, dp, n0, ua, n, sl2, sLs, sDs, sLos);
     uint32_t ap[QN / 16][4], ad[QN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < QN / 16; ++kk) {
