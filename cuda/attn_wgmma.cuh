@@ -313,6 +313,24 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
 #endif
 }
 
+// Waits for the dK/dV kernel's committed products into dk and dv (D / 64 column blocks each)
+// and pins their A registers a and b until then.
+template <int DT, int KA, int KB>
+__device__ __forceinline__ void wait_dkv_products(float (&dk)[DT][4], float (&dv)[DT][4],
+                                                  uint32_t (&a)[KA][4], uint32_t (&b)[KB][4]) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wgmma_commit();
+  wgmma_wait<0>();
+#pragma unroll
+  for (int nb = 0; nb < DT / 8; ++nb) {
+    fence_operands(acc64(dv, nb));
+    fence_operands(acc64(dk, nb));
+  }
+  fence_operands(a);
+  fence_operands(b);
+#endif
+}
+
 // dK/dV on wgmma (one warpgroup per 64 keys; K, V fixed in swizzled tiles, Q / dO tiles of 64
 // queries in 2 stages): S^T = K Q^T and dP^T = V dO^T from shared memory, P^T and dS^T formed in
 // the accumulators, then dV += P^T dO and dK += dS^T Q with Q / dO as MN-major operands. With
@@ -412,15 +430,7 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
         wgmma_rs<T, true>(acc64(dv, nb), ap[kk], sw_desc(sOs + nb * QN * 64) + (2048 >> 4) * kk);
         wgmma_rs<T, true>(acc64(dk, nb), ad[kk], sw_desc(sQs + nb * QN * 64) + (2048 >> 4) * kk);
       }
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
-      fence_operands(acc64(dv, nb));
-      fence_operands(acc64(dk, nb));
-    }
-    fence_operands(ap);
-    fence_operands(ad);
+    wait_dkv_products(dk, dv, ap, ad);
     __syncthreads();  // every read of this stage is done before it is refilled
   }
 
@@ -477,15 +487,7 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
             wgmma_rs<T, true>(acc64(dv, nb), ak[kk], sw_desc(sF_hi + nb * 64 * 64) + (2048 >> 4) * kk);
             wgmma_rs<T, true>(acc64(dv, nb), ak[kk], sw_desc(sF_lo + nb * 64 * 64) + (2048 >> 4) * kk);
           }
-        wgmma_commit();
-        wgmma_wait<0>();
-#pragma unroll
-        for (int nb = 0; nb < NB; ++nb) {
-          fence_operands(acc64(dk, nb));
-          fence_operands(acc64(dv, nb));
-        }
-        fence_operands(av);
-        fence_operands(ak);
+        wait_dkv_products(dk, dv, av, ak);
       }
     }
   }
