@@ -324,11 +324,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
   T* sK = sQ + kBM * SD;      // [2][BN][SD]
   T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
 
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int n = p.n, B = p.chunk, w = p.overlap;
-  const int m0 = tile * kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tw = m0 + warp * 16;  // 16 | B, so a warp's rows share one chunk
   const bool warp_ok = tw < n;
@@ -458,11 +455,8 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
   T* sK = sO + kBM * SD;      // [2][BN][SD]
   T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
 
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int n = p.n, B = p.chunk, w = p.overlap;
-  const int m0 = tile * kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tw = m0 + warp * 16;
   const bool warp_ok = tw < n;
@@ -564,11 +558,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
   float* sD = sL + 2 * BN;                                  // [2][BN] delta
   int* sLo = reinterpret_cast<int*>(sD + 2 * BN);           // [2][BN] window start
 
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int n = p.n, B = p.chunk, w = p.overlap;
-  const int m0 = tile * kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int uw = m0 + warp * 16;
   const bool warp_ok = uw < n;

@@ -42,10 +42,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnParams p) {
   constexpr int DP = D / kG;
   __shared__ float sK[kBN][D];
   __shared__ float sV[kBN][D];
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
-  const int m0 = tile * kBM;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int r = threadIdx.x / kG, g = threadIdx.x % kG;
   const int t = m0 + r;
   const bool row_ok = t < p.n;
@@ -121,10 +118,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
   constexpr int DP = D / kG;
   __shared__ float sK[kBN][D];
   __shared__ float sV[kBN][D];
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
-  const int m0 = tile * kBM;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int r = threadIdx.x / kG, g = threadIdx.x % kG;
   const int t = m0 + r;
   const bool row_ok = t < p.n;
@@ -190,10 +184,7 @@ __global__ void __launch_bounds__(kThreads) attn_dkv_kernel(AttnParams p) {
   __shared__ float sO[kBN][D];
   __shared__ float sL[kBN], sD[kBN];
   __shared__ int sLo[kBN];
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
-  const int m0 = tile * kBM;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int r = threadIdx.x / kG, g = threadIdx.x % kG;
   const int u = m0 + r;
   const bool row_ok = u < p.n;

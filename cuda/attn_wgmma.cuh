@@ -115,11 +115,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
   T* sK = sQ + kBM * D;        // [2][64][D]
   T* sV = sK + 2 * kBN * D;    // [2][64][D]
 
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int n = p.n, B = p.chunk, w = p.overlap;
-  const int m0 = tile * kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tw = m0 + warp * 16;  // 16 | B, so a warp's rows share one chunk
   const bool warp_ok = tw < n;
@@ -257,11 +254,8 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
   T* sK = sO + kBM * D;        // [2][64][D]
   T* sV = sK + 2 * kBN * D;    // [2][64][D]
 
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int n = p.n, B = p.chunk, w = p.overlap;
-  const int m0 = tile * kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tw = m0 + warp * 16;  // 16 | B, so a warp's rows share one chunk
   const int cw = min(tw, n - 1) / B;
@@ -359,11 +353,8 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
   float* sD = sL + 2 * QN;                                  // [2][QN] delta
   int* sLo = reinterpret_cast<int*>(sD + 2 * QN);           // [2][QN] window start
 
-  const int ntile = cdiv(p.n, kBM);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
-  const int bi = bh / p.h, hi = bh % p.h;
+  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int n = p.n, B = p.chunk, w = p.overlap;
-  const int m0 = tile * kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int uw = m0 + warp * 16;  // 16 | B, so a warp's keys share one chunk
   const int ua = uw + lane / 4;

@@ -320,6 +320,17 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
+// Where a CTA of the row-tiled attention kernels works (blockIdx.x = bh * cdiv(n, rows) + tile):
+// head bh of the b * h heads (batch element bi, head hi), rows [m0, m0 + rows) of it.
+struct RowTile {
+  int bh, bi, hi, m0;
+};
+__device__ __forceinline__ RowTile row_tile(const AttnParams& p, int rows) {
+  const int ntile = cdiv(p.n, rows);
+  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
+  return {bh, bh / p.h, bh % p.h, tile * rows};
+}
+
 // First token of the local window of token t: max(0, chunk(t)*B - w).
 __device__ __forceinline__ int window_lo(int t, int chunk, int overlap) {
   return max(0, (t / chunk) * chunk - overlap);
