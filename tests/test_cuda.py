@@ -524,6 +524,37 @@ def test_backward_deterministic(dtype, d):
             assert torch.equal(a, c), "backward is not bitwise deterministic"
 
 
+def test_tensors_over_2_31_elements():
+    """64-bit offsets: q, k, v with more than 2^31 elements (b = 1, h = 2^15 + 1, n = 1024,
+    d = 64, bf16; about 45 GiB at the peak). Every element of the last head lies past 2^31; its
+    output and gradients (fused op, states omitted: the chunk-states backward inside dK/dV) must
+    match the same op run on that head alone."""
+    dtype, d, n, chunk, w, dm = torch.bfloat16, 64, 1024, 128, 16, 16
+    skip_unless_compiled(dtype, d)
+    if torch.cuda.mem_get_info()[0] < 60 * 2**30:
+        pytest.skip("needs 60 GiB of free GPU memory")
+    h = 2**31 // (n * d) + 1
+    C = n // chunk
+    gen = torch.Generator(device=DEV).manual_seed(29)
+    q, k, v, g = (torch.randn(1, h, n, d, generator=gen, device=DEV, dtype=dtype) for _ in range(4))
+    assert q.numel() > 2**31
+    mq, mk = (torch.randn(1, h, C, dm, generator=gen, device=DEV, dtype=dtype) for _ in range(2))
+    scale, ms, ss = scales(d, dm, d, chunk)
+    args = (chunk, w, scale, ms, ss)
+    out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, None, None, *args)
+    grads = ops._bsbr_attention_bwd(g, q, k, v, mq, mk, None, None, out, lse, *args)[:5]
+    last = [x[:, -1:].clone() for x in (q, k, v, mq, mk, g)]
+    del q, k, v, mq, mk
+    out_1, lse_1 = ops._bsbr_attention_fwd(*last[:5], None, None, *args)
+    grads_1 = ops._bsbr_attention_bwd(last[5], *last[:5], None, None, out_1, lse_1, *args)[:5]
+    assert rel_err(out[:, -1:], out_1) < 1e-3
+    assert (lse[:, -1:] - lse_1).abs().max().item() < 1e-4
+    for name, a, b_ in zip(FUSED_GRADS[:5], grads, grads_1):
+        assert rel_err(a[:, -1:], b_) < 1e-3, f"{name} of the head past 2^31 differs: {rel_err(a[:, -1:], b_):.3e}"
+    del out, lse, grads, g
+    torch.cuda.empty_cache()
+
+
 def test_causality():
     b, h, n, d, chunk, w = 1, 2, 300, 64, 64, 16
     skip_unless_compiled(torch.bfloat16, d)
