@@ -1,8 +1,8 @@
-// Chunk attention forward on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a), head dims 64 and
-// 128, fp16 / bf16: the same algorithm, tiles and numerics as mma::attn_fwd_kernel (attn_mma.cuh),
-// with the products fed differently. Under mma.sync every warp read all of each K and V tile
-// through ldmatrix (4 warps: 4x the tile in shared-memory reads) and held Q's fragments in
-// registers. Here the CTA is one warpgroup: S = Q K^T takes both operands from shared memory,
+// Chunk attention forward, dQ and dK/dV on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a), head
+// dims 64 and 128, fp16 / bf16. The forward: the same algorithm, tiles and numerics as
+// mma::attn_fwd_kernel (attn_mma.cuh), with the products fed differently. Under mma.sync every
+// warp read all of each K and V tile through ldmatrix (4 warps: 4x the tile in shared-memory
+// reads) and held Q's fragments in registers. Here the CTA is one warpgroup: S = Q K^T takes both operands from shared memory,
 // O += P V takes P from registers (the S accumulator, as in FlashAttention-2) and V from shared
 // memory; each tile is read once per warpgroup and Q needs no registers.
 //

@@ -58,7 +58,7 @@ struct AttnParams {
   float scale = 1.f, state_scale = 1.f;
   float out_scale = 1.f;  // states kernel: multiplies the result
   bool simt = false;      // force the SIMT (non tensor-core) path, for cross-checking
-  bool wgmma = false;     // forward and dQ, fp16/bf16, d = 64 / 128: Hopper kernels (attn_wgmma.cuh)
+  bool wgmma = false;     // forward, dQ, dK/dV; fp16/bf16, d = 64 / 128: Hopper kernels (attn_wgmma.cuh)
 };
 
 template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t stream);
