@@ -50,6 +50,27 @@ __device__ __forceinline__ void load_tile(T* s, const T* base, int64_t stride_n,
 }
 
 
+// The forward's and dQ's 2-stage K / V pipeline, before key tile j (keys from n0): issues the
+// cp.async loads of tile j + 1 into the other stage, then waits until tile j's stage is filled
+// and visible to wgmma (every thread of the CTA calls it).
+template <typename T, int D>
+__device__ __forceinline__ void kv_stage_ready(const AttnParams& p, T* sK, T* sV, const T* kb,
+                                               const T* vb, int j, int nkv, int n0) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if (j + 1 < nkv) {
+    const int st = (j + 1) & 1;
+    load_tile<T, D>(sK + st * kBN * D, kb, p.k_st.n, n0 + kBN, p.n);
+    load_tile<T, D>(sV + st * kBN * D, vb, p.v_st.n, n0 + kBN, p.n);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  fence_proxy_async();
+  __syncthreads();
+#endif
+}
+
 // A 64 x 64 fp32 block of an m16n8 accumulator array (o: columns 64 nb .., s: all of it) as the
 // 32 registers of a warpgroup's m64n64 accumulator: the two layouts are the same.
 template <int N>
@@ -144,17 +165,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
 
   for (int j = 0; j < nkv; ++j) {
     const int n0 = kv_lo + j * kBN;
-    if (j + 1 < nkv) {
-      const int st = (j + 1) & 1;
-      load_tile<T, D>(sK + st * kBN * D, kb, p.k_st.n, n0 + kBN, n);
-      load_tile<T, D>(sV + st * kBN * D, vb, p.v_st.n, n0 + kBN, n);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    fence_proxy_async();
-    __syncthreads();
+    kv_stage_ready<T, D>(p, sK, sV, kb, vb, j, nkv, n0);
     const T* sKs = sK + (j & 1) * kBN * D;
     const T* sVs = sV + (j & 1) * kBN * D;
 
@@ -282,17 +293,7 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
 
   for (int j = 0; j < nkv; ++j) {
     const int n0 = kv_lo + j * kBN;
-    if (j + 1 < nkv) {
-      const int st = (j + 1) & 1;
-      load_tile<T, D>(sK + st * kBN * D, kb, p.k_st.n, n0 + kBN, n);
-      load_tile<T, D>(sV + st * kBN * D, vb, p.v_st.n, n0 + kBN, n);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    fence_proxy_async();
-    __syncthreads();
+    kv_stage_ready<T, D>(p, sK, sV, kb, vb, j, nkv, n0);
     const T* sKs = sK + (j & 1) * kBN * D;
     const T* sVs = sV + (j & 1) * kBN * D;
 
