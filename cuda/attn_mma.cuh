@@ -104,12 +104,12 @@ __device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int 
 // The forward's epilogue reads the retrieved states S_c of the CTA's chunks (16 KiB per chunk at
 // d = 64, 64 KiB at 128); fetching them into L2 when the CTA starts hides that DRAM latency
 // behind the window loop.
-template <int D>
+template <int D, int THREADS = kThreads>
 __device__ __forceinline__ void prefetch_states(const AttnParams& p, int bh, int c_first,
                                                 int c_last) {
   const char* s0 = reinterpret_cast<const char*>(p.S + ((int64_t)bh * p.num_chunks + c_first) * p.ds * D);
   const int bytes = (c_last - c_first + 1) * p.ds * D * static_cast<int>(sizeof(float));
-  for (int off = threadIdx.x * 128; off < bytes; off += kThreads * 128) prefetch_l2(s0 + off);
+  for (int off = threadIdx.x * 128; off < bytes; off += THREADS * 128) prefetch_l2(s0 + off);
 }
 
 // One key tile of the forward's online softmax for a warp's rows ra and ra + 8, with S = Q K^T in
@@ -730,21 +730,28 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
 // Chunk states on tensor cores: F_c = out_scale * X_c^T Y_c with X = p.qs [n, ds], Y = p.v [n, D]
 // (also dS_c = state_scale * qs^T dO in the backward). One CTA per (bh, chunk); M = state dims
 // (16-row tiles dealt round-robin to the warps), N = D, K = the chunk's tokens in steps of 64.
-// X^T comes straight from the token-major tile through ldmatrix.trans. The partial last chunk
-// and ds not a multiple of 16 are zero-padded in shared memory, so every product is exact in fp32.
+// X^T comes straight from the token-major tile through ldmatrix.trans; the steps run through a
+// 2-stage cp.async pipeline (the load of a chunk's second step overlaps its first products). The
+// partial last chunk and ds not a multiple of 16 are zero-padded in shared memory, so every
+// product is exact in fp32.
 // With p.states_split the result is stored as split-bf16 words, the operand format of the
 // tensor-core retrieval mixing (retrieval_mma.cuh), which then never splits a fragment itself.
 // 8 warps at D = 128, one m-tile each: with 4 warps of two m-tiles each the kernel took 194
 // registers, ran 8 warps per SM and reached half of the DRAM bandwidth (ncu, Run 13).
 template <int D> constexpr int kStatesThreads = D > 64 ? 256 : kThreads;
+constexpr int kStatesRows = 64;  // tokens per step
+// Shared memory: 2 stages of X and Y tiles, [kStatesRows][SD] each.
+template <typename T, int D>
+constexpr size_t kStatesSmemBytes = 4 * kStatesRows * Cfg<D>::SD * sizeof(T);
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParams p) {
-  constexpr int SD = Cfg<D>::SD, BT = 64, DT = D / 8;
+  constexpr int SD = Cfg<D>::SD, BT = kStatesRows, DT = D / 8;
   constexpr int THREADS = kStatesThreads<D>, WARPS = THREADS / 32;
   constexpr int MTW = (D / 16 + WARPS - 1) / WARPS;  // m-tiles per warp
-  __shared__ __align__(16) T sX[BT * SD];
-  __shared__ __align__(16) T sY[BT * SD];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const sX0 = reinterpret_cast<T*>(smem_raw);  // [2][BT][SD], cols >= ds zero
+  T* const sY0 = sX0 + 2 * BT * SD;               // [2][BT][SD]
   const int c = blockIdx.x % p.num_chunks, bh = blockIdx.x / p.num_chunks;
   const int bi = bh / p.h, hi = bh % p.h;
   const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
@@ -752,28 +759,40 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* xb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
   const T* yb = head_ptr<T>(p.v, p.v_st, bi, hi);
-  for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += THREADS) {
+  // Token rows [s0, s0 + BT) into stage st, one commit group.
+  auto load = [&](int st, int s0) {
+    const int cpr = ds / 8;
+    for (int idx = threadIdx.x; idx < BT * cpr; idx += THREADS) {
+      const int r = idx / cpr, cc = idx % cpr;
+      const int t = s0 + r;
+      const bool ok = t < t1;
+      cp_async16(sX0 + st * BT * SD + r * SD + cc * 8,
+                 ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
+    }
+    load_rows<T, D, BT, THREADS>(sY0 + st * BT * SD, yb, p.v_st.n, s0, t1);
+    cp_async_commit();
+  };
+  load(0, t0);
+  for (int idx = threadIdx.x; idx < 2 * BT * (dsp - ds); idx += THREADS) {
     const int r = idx / (dsp - ds), col = ds + idx % (dsp - ds);
-    sX[r * SD + col] = from_f<T>(0.f);
+    sX0[r * SD + col] = from_f<T>(0.f);
   }
   float acc[MTW][DT][4];
 #pragma unroll
   for (int i = 0; i < MTW; ++i)
 #pragma unroll
     for (int j = 0; j < DT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
-  for (int s0 = t0; s0 < t1; s0 += BT) {
-    __syncthreads();
-    const int cpr = ds / 8;
-    for (int idx = threadIdx.x; idx < BT * cpr; idx += THREADS) {
-      const int r = idx / cpr, cc = idx % cpr;
-      const int t = s0 + r;
-      const bool ok = t < t1;
-      cp_async16(sX + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
+  const int steps = cdiv(t1 - t0, BT);
+  for (int step = 0; step < steps; ++step) {
+    if (step + 1 < steps) {
+      load((step + 1) & 1, t0 + (step + 1) * BT);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
-    load_rows<T, D, BT, THREADS>(sY, yb, p.v_st.n, s0, t1);
-    cp_async_commit();
-    cp_async_wait<0>();
     __syncthreads();
+    const T* sX = sX0 + (step & 1) * BT * SD;
+    const T* sY = sY0 + (step & 1) * BT * SD;
 #pragma unroll
     for (int kk = 0; kk < BT / 16; ++kk) {
 #pragma unroll
@@ -792,6 +811,7 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
         }
       }
     }
+    __syncthreads();  // every read of this stage is done before it is refilled
   }
   float* F = p.states + ((int64_t)bh * p.num_chunks + c) * ds * D;
 #pragma unroll
@@ -830,18 +850,30 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
 // D = 128): staging the 64 KiB of M per 64 tokens with 4 warps left the D = 128 kernel
 // latency-bound (ncu, Run 13: 12% occupancy, 22% of DRAM bandwidth). H200, 64k, per head group:
 // 75.5 -> 73.3 us at D = 128, 47.0 -> 45.7 us at D = 64.
+// x is staged in shared memory below D = 128. At D = 128 its A fragments are read from global
+// (after an L2 prefetch), which leaves 104 KiB of shared memory and 2 CTAs per SM instead of 1:
+// 73.4 -> 63.0 us per head group; the same at D = 64, where registers and not shared memory set
+// the occupancy, took 45.9 -> 55.0 us (H200, 64k, Run 14).
 template <int D> constexpr int kTokmatThreads = D >= 64 ? 256 : kThreads;
 template <int D> constexpr int kTokmatRows = kTokmatThreads<D> / 2;  // 16 per warp
+template <int D> constexpr bool kTokmatStageX = D < 128;
+// CTAs per SM the registers must allow: 2 at D = 128 (what shared memory allows), 3 for the
+// preprocess below (ptxas otherwise took up to 120 registers there: 2 CTAs per SM).
+template <int D, bool kPrep> constexpr int kTokmatMinBlocks = kPrep && D < 128 ? 3 : 2;
+// Shared memory: M's hi and lo halves ([D][SD] each), y, and x when staged ([rows][SD] each).
+template <typename T, int D>
+constexpr size_t kTokmatSmemBytes =
+    (2 * D + (kTokmatStageX<D> ? 2 : 1) * kTokmatRows<D>) * Cfg<D>::SD * sizeof(T);
 
 template <typename T, int D, bool kPrep>
-__global__ void __launch_bounds__(kTokmatThreads<D>) tokmat_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>) tokmat_kernel(AttnParams p) {
   constexpr int SD = Cfg<D>::SD, BT = kTokmatRows<D>, DT = D / 8;
   constexpr int THREADS = kTokmatThreads<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sMhi = reinterpret_cast<T*>(smem_raw);  // [D][SD], rows >= ds zero
   T* sMlo = sMhi + D * SD;
   T* sY = sMlo + D * SD;                     // [BT][SD]
-  T* sX = sY + BT * SD;                      // [BT][SD], cols >= ds zero
+  T* sX = sY + BT * SD;                      // [BT][SD], cols >= ds zero (kTokmatStageX)
   const int nblk = cdiv(p.chunk, BT);
   const int blk = blockIdx.x % nblk;
   const int c = (blockIdx.x / nblk) % p.num_chunks;
@@ -856,19 +888,32 @@ __global__ void __launch_bounds__(kTokmatThreads<D>) tokmat_kernel(AttnParams p)
   const T* xb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
   const T* yb = kPrep ? head_ptr<T>(p.dout, p.dout_st, bi, hi) : head_ptr<T>(p.v, p.v_st, bi, hi);
   const int64_t ystride = kPrep ? p.dout_st.n : p.v_st.n;
-  const int cpr = ds / 8;
-  for (int idx = threadIdx.x; idx < BT * cpr; idx += THREADS) {
-    const int r = idx / cpr, cc = idx % cpr;
-    const int t = t0 + r;
-    const bool ok = t < t1;
-    cp_async16(sX + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
-  }
+  const T* ob = head_ptr<T>(p.out, p.out_st, bi, hi);
   load_rows<T, D, BT, THREADS>(sY, yb, ystride, t0, t1);
-  cp_async_commit();
-  for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += THREADS) {
-    const int r = idx / (dsp - ds), col = ds + idx % (dsp - ds);
-    sX[r * SD + col] = from_f<T>(0.f);
+  if constexpr (kTokmatStageX<D>) {
+    const int cpr = ds / 8;
+    for (int idx = threadIdx.x; idx < BT * cpr; idx += THREADS) {
+      const int r = idx / cpr, cc = idx % cpr;
+      const int t = t0 + r;
+      const bool ok = t < t1;
+      cp_async16(sX + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
+    }
+    for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += THREADS) {
+      const int r = idx / (dsp - ds), col = ds + idx % (dsp - ds);
+      sX[r * SD + col] = from_f<T>(0.f);
+    }
+  } else {
+    // x (and out, for delta) are read from global after the products, straight into
+    // registers: bring their rows into L2 while M is staged.
+    for (int r = threadIdx.x; r < t1 - t0; r += THREADS) {
+      for (int off = 0; off < ds; off += 128 / static_cast<int>(sizeof(T)))
+        prefetch_l2(xb + (int64_t)(t0 + r) * p.qs_st.n + off);
+      if (kPrep)
+        for (int off = 0; off < D; off += 128 / static_cast<int>(sizeof(T)))
+          prefetch_l2(ob + (int64_t)(t0 + r) * p.out_st.n + off);
+    }
   }
+  cp_async_commit();
   const float mscale = kPrep ? p.state_scale : 1.f;
   stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
       sMhi, sMlo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp, mscale,
@@ -879,6 +924,17 @@ __global__ void __launch_bounds__(kTokmatThreads<D>) tokmat_kernel(AttnParams p)
   const int r0 = warp * 16;
   if (t0 + r0 >= t1) return;  // no barrier below
   const int ra = t0 + r0 + lane / 4, rb = ra + 8;
+  // The A fragment of x's columns [k0, k0 + 16) for the warp's 16 tokens (zero past ds, t1).
+  auto load_x = [&](uint32_t(&a)[4], int k0) {
+    if constexpr (kTokmatStageX<D>) {  // 4-byte reads: ldmatrix cost the D = 64 kernel a spill
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        a[i] = *reinterpret_cast<const uint32_t*>(
+            sX + (r0 + lane / 4 + 8 * (i & 1)) * SD + k0 + (lane % 4) * 2 + (i / 2) * 8);
+    } else {
+      load_a_global(a, xb, p.qs_st.n, ra, k0, t1, ds);
+    }
+  };
 
   // dx = y M^T  [16 x dsp]
   float ax[DT][4];
@@ -898,7 +954,6 @@ __global__ void __launch_bounds__(kTokmatThreads<D>) tokmat_kernel(AttnParams p)
   }
   T* dx = static_cast<T*>(p.dqs) + (int64_t)bh * n * ds;
   if (!kPrep && p.dqs_accumulate) add_existing<T, DT>(ax, dx, ds, ra, t1, ds);
-  float part[2] = {0.f, 0.f};  // kPrep: this thread's share of delta for rows ra, rb
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = i == 0 ? ra : rb;
@@ -907,17 +962,27 @@ __global__ void __launch_bounds__(kTokmatThreads<D>) tokmat_kernel(AttnParams p)
       const int col = nt * 8 + (lane % 4) * 2;
       if (row < t1 && col < ds) {
         store_pair<T>(dx, (int64_t)row * ds + col, ax[nt][2 * i], ax[nt][2 * i + 1]);
-        if (kPrep) {
-          const int rl = row - t0;
-          part[i] -= to_f(sX[rl * SD + col]) * ax[nt][2 * i] +
-                     to_f(sX[rl * SD + col + 1]) * ax[nt][2 * i + 1];
-        }
       }
     }
   }
 
   if constexpr (kPrep) {
-    const T* ob = head_ptr<T>(p.out, p.out_st, bi, hi);
+    // delta = dO.out - qs.dqs, with qs in the A-fragment layout, whose k-step kk holds the
+    // accumulator's column tiles 2 kk (registers 0, 1) and 2 kk + 1 (2, 3).
+    float part[2] = {0.f, 0.f};  // this thread's share for rows ra, rb
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      if (kk * 16 < dsp) {
+        uint32_t xa[4];
+        load_x(xa, kk * 16);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float2 x2 = unpack2<T>(xa[r]);
+          const float* acc = ax[2 * kk + r / 2] + 2 * (r % 2);
+          part[r % 2] -= x2.x * acc[0] + x2.y * acc[1];
+        }
+      }
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = i == 0 ? ra : rb;
@@ -944,7 +1009,7 @@ __global__ void __launch_bounds__(kTokmatThreads<D>) tokmat_kernel(AttnParams p)
     for (int kk = 0; kk < D / 16; ++kk) {
       if (kk * 16 < dsp) {
         uint32_t a[4];
-        ldsm_x4(a, sX + a_off<SD>(lane, r0, kk * 16));
+        load_x(a, kk * 16);
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           const int off = bkn_off<SD>(lane, kk * 16, dd * 16);

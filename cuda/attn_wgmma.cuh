@@ -2,9 +2,10 @@
 // dims 64 and 128, fp16 / bf16. The forward: the same algorithm, tiles and numerics as
 // mma::attn_fwd_kernel (attn_mma.cuh), with the products fed differently. Under mma.sync every
 // warp read all of each K and V tile through ldmatrix (4 warps: 4x the tile in shared-memory
-// reads) and held Q's fragments in registers. Here the CTA is one warpgroup: S = Q K^T takes both operands from shared memory,
-// O += P V takes P from registers (the S accumulator, as in FlashAttention-2) and V from shared
-// memory; each tile is read once per warpgroup and Q needs no registers.
+// reads) and held Q's fragments in registers. Here each 64 query rows are one warpgroup (a CTA
+// has kFwdWarpgroups<D> of them): S = Q K^T takes both operands from shared memory, O += P V
+// takes P from registers (the S accumulator, as in FlashAttention-2) and V from shared memory;
+// each tile is read once per warpgroup and Q needs no registers.
 //
 // Tiles live in shared memory in wgmma's 128-byte swizzled layout: an [R][D] tile is D / 64
 // column blocks of [R][64], rows of 64 elements (128 bytes), 16-byte chunk c of row r at chunk
@@ -28,21 +29,27 @@ namespace wg {
 constexpr int kThreads = 128;  // one warpgroup
 constexpr int kBM = 64;        // query rows per CTA (the warpgroup's M)
 constexpr int kBN = 64;        // keys per tile
-// Shared memory: Q, then 2 stages of K, then 2 of V ([64][D] each); plus 1 KiB to align the
-// start to an atom.
+// The forward's CTA: kFwdWarpgroups<D> warpgroups, one per 64 query rows, sharing the K / V
+// tiles and the staged S_c. At D = 128 two warpgroups load 2 instead of 3 K / V tiles per chunk
+// of 128 and stage S_c (64 KiB) once instead of twice: H200, 64k, 792 -> 719 us. At D = 64 one
+// (257 us against 267 with two): 4 CTAs per SM interleave more than 2 CTAs of 2 warpgroups.
+template <int D> constexpr int kFwdWarpgroups = D == 128 ? 2 : 1;
+// Shared memory: Q ([64][D] per warpgroup), then 2 stages of K, then 2 of V ([64][D] each); plus
+// 1 KiB to align the start to an atom.
 template <typename T, int D>
-constexpr size_t kSmemBytes = 5 * 64 * D * sizeof(T) + 1024;
-// CTAs per SM: shared memory allows 5 at D = 64 (4 by registers, 128 each: more spilled), 2 at 128.
-template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 2;
+constexpr size_t kSmemBytes = (kFwdWarpgroups<D> + 4) * 64 * D * sizeof(T) + 1024;
+// CTAs per SM: at D = 64 shared memory allows 5, registers 4 (128 each: more spilled); at 128
+// (two warpgroups, 215 registers) one.
+template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 1;
 
-// Async copy of rows [r0, r0 + 64) of a [n, D] strided matrix into a swizzled tile; rows
-// outside [0, n) read as 0.
-template <typename T, int D>
+// Async copy of rows [r0, r0 + 64) of a [n, D] strided matrix into a swizzled tile by a CTA of
+// THREADS threads; rows outside [0, n) read as 0.
+template <typename T, int D, int THREADS = kThreads>
 __device__ __forceinline__ void load_tile(T* s, const T* base, int64_t stride_n, int r0, int n) {
   constexpr int CPR = D / 8;
 #pragma unroll
-  for (int i = 0; i < 64 * CPR / kThreads; ++i) {
-    const int idx = i * kThreads + threadIdx.x, r = idx / CPR, c = idx % CPR;
+  for (int i = 0; i < 64 * CPR / THREADS; ++i) {
+    const int idx = i * THREADS + threadIdx.x, r = idx / CPR, c = idx % CPR;
     const int t = r0 + r;
     const bool ok = t >= 0 && t < n;
     cp_async16(s + sw<64>(r, c), ok ? base + (int64_t)t * stride_n + c * 8 : base, ok);
@@ -52,15 +59,15 @@ __device__ __forceinline__ void load_tile(T* s, const T* base, int64_t stride_n,
 
 // The forward's and dQ's 2-stage K / V pipeline, before key tile j (keys from n0): issues the
 // cp.async loads of tile j + 1 into the other stage, then waits until tile j's stage is filled
-// and visible to wgmma (every thread of the CTA calls it).
-template <typename T, int D>
+// and visible to wgmma (every thread of the CTA, of THREADS, calls it).
+template <typename T, int D, int THREADS = kThreads>
 __device__ __forceinline__ void kv_stage_ready(const AttnParams& p, T* sK, T* sV, const T* kb,
                                                const T* vb, int j, int nkv, int n0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if (j + 1 < nkv) {
     const int st = (j + 1) & 1;
-    load_tile<T, D>(sK + st * kBN * D, kb, p.k_st.n, n0 + kBN, p.n);
-    load_tile<T, D>(sV + st * kBN * D, vb, p.v_st.n, n0 + kBN, p.n);
+    load_tile<T, D, THREADS>(sK + st * kBN * D, kb, p.k_st.n, n0 + kBN, p.n);
+    load_tile<T, D, THREADS>(sV + st * kBN * D, vb, p.v_st.n, n0 + kBN, p.n);
     cp_async_commit();
     cp_async_wait<1>();
   } else {
@@ -128,34 +135,42 @@ __device__ __forceinline__ void two_products(float (&s)[8][4], float (&dp)[8][4]
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int NB = D / 64;  // 64-column blocks of the output
+  constexpr int WGS = kFwdWarpgroups<D>, THREADS = WGS * kThreads, ROWS = WGS * kBM;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
-  T* sK = sQ + kBM * D;        // [2][64][D]
+  T* sK = sQ + ROWS * D;       // [2][64][D]
   T* sV = sK + 2 * kBN * D;    // [2][64][D]
 
-  const auto [bh, bi, hi, m0] = row_tile(p, kBM);
+  const auto [bh, bi, hi, m0] = row_tile(p, ROWS);
   const int n = p.n, B = p.chunk, w = p.overlap;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int tw = m0 + warp * 16;  // 16 | B, so a warp's rows share one chunk
+  const int g = threadIdx.x / kThreads;  // this thread's warpgroup
+  const int warp = threadIdx.x % kThreads / 32, lane = threadIdx.x % 32;
+  const T* sQg = sQ + g * kBM * D;  // the warpgroup's 64 rows of Q
+  const int r0g = m0 + g * kBM;
+  const int tw = r0g + warp * 16;  // 16 | B, so a warp's rows share one chunk
   const bool warp_ok = tw < n;
   const int cw = min(tw, n - 1) / B;
   const int lo_w = max(0, cw * B - w);
   const int ra = tw + lane / 4;
+  // Keys [lo_g, hi_g) are the warpgroup's: it skips the tiles outside them (all masked).
+  const int lo_g = window_lo(min(r0g, n - 1), B, w), hi_g = min(n, r0g + kBM);
 
   const T* kb = mma::head_ptr<T>(p.k, p.k_st, bi, hi);
   const T* vb = mma::head_ptr<T>(p.v, p.v_st, bi, hi);
-  const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + kBM);
+  const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + ROWS);
   const int nkv = cdiv(kv_hi - kv_lo, kBN);
 
-  load_tile<T, D>(sQ, mma::head_ptr<T>(p.q, p.q_st, bi, hi), p.q_st.n, m0, n);
-  load_tile<T, D>(sK, kb, p.k_st.n, kv_lo, n);
-  load_tile<T, D>(sV, vb, p.v_st.n, kv_lo, n);
+  const T* qb = mma::head_ptr<T>(p.q, p.q_st, bi, hi);
+#pragma unroll
+  for (int i = 0; i < WGS; ++i) load_tile<T, D, THREADS>(sQ + i * kBM * D, qb, p.q_st.n, m0 + i * kBM, n);
+  load_tile<T, D, THREADS>(sK, kb, p.k_st.n, kv_lo, n);
+  load_tile<T, D, THREADS>(sV, vb, p.v_st.n, kv_lo, n);
   cp_async_commit();
   const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
-  mma::prefetch_states<D>(p, bh, c_first, c_last);
+  mma::prefetch_states<D, THREADS>(p, bh, c_first, c_last);
 
   float o[D / 8][4];
 #pragma unroll
@@ -165,28 +180,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
 
   for (int j = 0; j < nkv; ++j) {
     const int n0 = kv_lo + j * kBN;
-    kv_stage_ready<T, D>(p, sK, sV, kb, vb, j, nkv, n0);
+    kv_stage_ready<T, D, THREADS>(p, sK, sV, kb, vb, j, nkv, n0);
     const T* sKs = sK + (j & 1) * kBN * D;
     const T* sVs = sV + (j & 1) * kBN * D;
 
-    // S = Q K^T. A k step of 16 dims is 32 bytes along a swizzled row (2 in the descriptor's
-    // 16-byte units), 4 steps per 64-column block.
-    float s[kBN / 8][4];
+    if (r0g < n && n0 < hi_g && n0 + kBN > lo_g) {  // warpgroup-uniform
+      // S = Q K^T. A k step of 16 dims is 32 bytes along a swizzled row (2 in the descriptor's
+      // 16-byte units), 4 steps per 64-column block.
+      float s[kBN / 8][4];
 #pragma unroll
-    for (int i = 0; i < kBN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    wgmma_fence();
+      for (int i = 0; i < kBN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int blk = kk / 4, step = 2 * (kk % 4);
-      wgmma_ss<T>(acc64(s, 0), sw_desc(sQ + blk * kBM * 64) + step,
-                  sw_desc(sKs + blk * kBN * 64) + step);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(acc64(s, 0));
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int blk = kk / 4, step = 2 * (kk % 4);
+        wgmma_ss<T>(acc64(s, 0), sw_desc(sQg + blk * kBM * 64) + step,
+                    sw_desc(sKs + blk * kBN * 64) + step);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc64(s, 0));
 
-    mma::softmax_tile(s, o, m_r, l_r, n0, ra, lo_w, n, sl2);
-    add_regs_times_tile<T, D>(o, s, sVs);  // O += P V
+      mma::softmax_tile(s, o, m_r, l_r, n0, ra, lo_w, n, sl2);
+      add_regs_times_tile<T, D>(o, s, sVs);  // O += P V
+    }
     __syncthreads();  // every read of this stage is done before it is refilled
   }
 
@@ -194,11 +211,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
 
   // Long-range term o += state_scale * qs S_c (mma::attn_fwd_kernel: S_c split hi + lo), with
   // S_c's halves as swizzled [D][D] tiles in the K stages (hi) and after them (lo: the second K
-  // stage at D = 64, the V stages at 128). Loads in flight per thread while staging: 8 float4 at
-  // D = 64 (one batch for the 16 KiB of S_c), 16 at D = 128 (two batches for 64 KiB; 216
-  // registers, no spill, still 2 CTAs per SM). The warpgroup issues the product for every chunk
-  // its rows meet (several when B is not a multiple of 64); a warp whose rows are in another
-  // chunk enters with A = 0.
+  // stage at D = 64, the V stages at 128), staged once for the CTA's warpgroups. Loads in flight
+  // per thread while staging: 8 float4 at D = 64, 16 at D = 128. A warpgroup issues the product
+  // for every chunk its rows meet (several when B is not a multiple of 64); a warp whose rows are
+  // in another chunk enters with A = 0.
   {
     const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
     const T* qsb = mma::head_ptr<T>(p.qs, p.qs_st, bi, hi);
@@ -206,17 +222,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<D>) attn_fwd_kernel(AttnP
     T* sLo = sK + D * D;
     for (int c = c_first; c <= c_last; ++c) {
       __syncthreads();
-      mma::stage_split_at<T, D, D == 128 ? 16 : 8>(
+      mma::stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
           sHi, sLo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp, p.state_scale,
           [](int r, int col) { return sw<D>(r, col / 8) + col % 8; });
       fence_proxy_async();
       __syncthreads();
+      if (r0g >= min(n, (c + 1) * B) || hi_g <= c * B) continue;  // no row of it in chunk c
       const bool mine = warp_ok && cw == c;
       uint32_t a[D / 16][4];
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         if (p.qs_is_q) {  // the Q tile is still in shared memory (zero past n)
-          ldsm_x4(a[kk], sQ + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
+          ldsm_x4(a[kk], sQg + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
         } else {
           mma::load_a_global(a[kk], qsb, p.qs_st.n, ra, kk * 16, n, ds);
         }

@@ -67,6 +67,12 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, fl
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// The inverse of pack2: the register's two 16-bit values (low half first) as floats.
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w) {
+  const T* e = reinterpret_cast<const T*>(&w);
+  return make_float2(to_f(e[0]), to_f(e[1]));
+}
+
 // Stores the pair (v0, v1) at dst[off], dst[off + 1].
 template <typename T>
 __device__ __forceinline__ void store_pair(T* dst, int64_t off, float v0, float v1) {

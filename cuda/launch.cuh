@@ -36,8 +36,9 @@ inline void launch_smem(Kernel kernel, unsigned grid, int threads, size_t smem,
 template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHasMma<T> && (D == 64 || D == 128)) {
     if (!p.simt && p.wgmma) {
-      return launch_smem(wg::attn_fwd_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
-                         wg::kSmemBytes<T, D>, stream, p);
+      constexpr int WGS = wg::kFwdWarpgroups<D>;
+      return launch_smem(wg::attn_fwd_kernel<T, D>, grid_rows(p, WGS * wg::kBM),
+                         WGS * wg::kThreads, wg::kSmemBytes<T, D>, stream, p);
     }
   }
   if constexpr (kHasMma<T>) {
@@ -81,9 +82,8 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
 template <typename T, int D> void run_states_fwd(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHasMma<T>) {
     if (!p.simt) {
-      mma::states_fwd_kernel<T, D><<<grid_chunks(p), mma::kStatesThreads<D>, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
+      return launch_smem(mma::states_fwd_kernel<T, D>, grid_chunks(p), mma::kStatesThreads<D>,
+                         mma::kStatesSmemBytes<T, D>, stream, p);
     }
   }
   aux::states_fwd_kernel<T, D><<<grid_chunks(p), aux::kThreads, 0, stream>>>(p);
@@ -91,10 +91,10 @@ template <typename T, int D> void run_states_fwd(const AttnParams& p, cudaStream
 }
 
 template <typename T, bool kPrep, int D> void run_tokmat(const AttnParams& p, cudaStream_t stream) {
-  constexpr int SD = mma::Cfg<D>::SD, rows = mma::kTokmatRows<D>;
+  constexpr int rows = mma::kTokmatRows<D>;
   const unsigned grid = static_cast<unsigned>(cdiv(p.chunk, rows)) * grid_chunks(p);
   launch_smem(mma::tokmat_kernel<T, D, kPrep>, grid, mma::kTokmatThreads<D>,
-              (2 * D + 2 * rows) * SD * sizeof(T), stream, p);
+              mma::kTokmatSmemBytes<T, D>, stream, p);
 }
 
 template <typename T, int D> void run_states_bwd(const AttnParams& p, cudaStream_t stream) {

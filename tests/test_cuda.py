@@ -381,7 +381,8 @@ def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
     run on wgmma (attn_wgmma.cuh), on mma.sync with BSBR_ATTN_WGMMA=0. Both are checked against the fp64 truth by the tests above (whichever the
     GPU runs); here they must also agree with each other to a rounding of the dtype, for chunks
     narrower than the 64-row tile (B = 16: several chunks per tile), overlap, q_state = q (read
-    from the Q tile) and a separate q_state with ds < d."""
+    from the Q tile) and a separate q_state with ds < d. At d = 128 the forward's CTA is two
+    warpgroups (128 rows): n = 300 with B = 256 leaves the last CTA's second warpgroup no rows."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma attention runs on compute capability 9.0 only")
     b, h, n, chunk, w = cfg
