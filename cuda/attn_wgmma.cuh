@@ -34,10 +34,17 @@ constexpr int kBN = 64;        // keys per tile
 // of 128 and stage S_c (64 KiB) once instead of twice: H200, 64k, 792 -> 719 us. At D = 64 one
 // (257 us against 267 with two): 4 CTAs per SM interleave more than 2 CTAs of 2 warpgroups.
 template <int D> constexpr int kFwdWarpgroups = D == 128 ? 2 : 1;
-// Shared memory: Q ([64][D] per warpgroup), then 2 stages of K, then 2 of V ([64][D] each); plus
-// 1 KiB to align the start to an atom.
+// At D = 128 (one CTA per SM, shared memory to spare) the first S_c the epilogue needs is fetched
+// by one bulk copy into a buffer of its own when the CTA starts, so the epilogue converts it from
+// shared memory instead of waiting on 64 KiB of global loads. At D = 64 the 16 KiB buffer would
+// cost a CTA per SM.
+template <int D> constexpr bool kFwdBulkStates = D == 128;
+// Shared memory: Q ([64][D] per warpgroup), then 2 stages of K, then 2 of V ([64][D] each), then
+// with kFwdBulkStates the fp32 S_c ([D][D]) and its mbarrier; plus 1 KiB to align the start to an
+// atom.
 template <typename T, int D>
-constexpr size_t kSmemBytes = (kFwdWarpgroups<D> + 4) * 64 * D * sizeof(T) + 1024;
+constexpr size_t kSmemBytes = (kFwdWarpgroups<D> + 4) * 64 * D * sizeof(T) +
+                              (kFwdBulkStates<D> ? D * D * sizeof(float) + 16 : 0) + 1024;
 // CTAs per SM: at D = 64 shared memory allows 5, registers 4 (128 each: more spilled); at 128
 // (two warpgroups, 215 registers) one.
 template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 1;
@@ -143,6 +150,8 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
   T* sK = sQ + ROWS * D;       // [2][64][D]
   T* sV = sK + 2 * kBN * D;    // [2][64][D]
+  float* sS = reinterpret_cast<float*>(sV + 2 * kBN * D);  // [ds][D] (kFwdBulkStates)
+  uint64_t* s_ready = reinterpret_cast<uint64_t*>(sS + D * D);
 
   const auto [bh, bi, hi, m0] = row_tile(p, ROWS);
   const int n = p.n, B = p.chunk, w = p.overlap;
@@ -170,7 +179,16 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   load_tile<T, D, THREADS>(sV, vb, p.v_st.n, kv_lo, n);
   cp_async_commit();
   const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
-  mma::prefetch_states<D, THREADS>(p, bh, c_first, c_last);
+  // The head's retrieved states, fp32 [num_chunks][ds][D]; S_c is one [ds][D] block of it.
+  const float* S_head = p.S + (int64_t)bh * p.num_chunks * p.ds * D;
+  const uint32_t S_c_bytes = p.ds * D * sizeof(float);
+  if constexpr (kFwdBulkStates<D>) {
+    if (threadIdx.x == 0) {
+      mbar_init(s_ready);
+      bulk_copy_to_smem(sS, S_head + (int64_t)c_first * p.ds * D, S_c_bytes, s_ready);
+    }
+  }
+  mma::prefetch_states<D, THREADS>(p, bh, c_first + kFwdBulkStates<D>, c_last);
 
   float o[D / 8][4];
 #pragma unroll
@@ -222,11 +240,21 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
     T* sLo = sK + D * D;
     for (int c = c_first; c <= c_last; ++c) {
       __syncthreads();
+      const float* S_c = p.S + ((int64_t)bh * p.num_chunks + c) * ds * D;
+      if constexpr (kFwdBulkStates<D>) {
+        mbar_wait(s_ready, (c - c_first) & 1);
+        S_c = sS;
+      }
       mma::stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
-          sHi, sLo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp, p.state_scale,
+          sHi, sLo, S_c, ds, dsp, p.state_scale,
           [](int r, int col) { return sw<D>(r, col / 8) + col % 8; });
       fence_proxy_async();
       __syncthreads();
+      if constexpr (kFwdBulkStates<D>) {
+        if (threadIdx.x == 0 && c < c_last) {  // sS is read: fetch the next chunk's
+          bulk_copy_to_smem(sS, S_head + (int64_t)(c + 1) * ds * D, S_c_bytes, s_ready);
+        }
+      }
       if (r0g >= min(n, (c + 1) * B) || hi_g <= c * B) continue;  // no row of it in chunk c
       const bool mine = warp_ok && cw == c;
       uint32_t a[D / 16][4];

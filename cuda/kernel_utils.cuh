@@ -183,6 +183,28 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// A 1-D bulk copy (cp.async.bulk, the TMA unit) of `bytes` (a multiple of 16; both addresses
+// 16-byte aligned) from global to shared memory that completes on an mbarrier: no registers, no
+// load instructions. One thread initialises the barrier (count 1) and issues the copies; every
+// thread waits for the barrier's phase 0, 1, 0, ... once per copy.
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(bar)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void bulk_copy_to_smem(void* dst, const void* src, uint32_t bytes,
+                                                  uint64_t* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes) : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)), "r"(phase) : "memory");
+}
 // Pins registers that an in-flight wgmma reads or writes: the compiler sees them used here, so it
 // neither reads the accumulators nor reuses the A registers before this point (after the wait).
 template <int N> __device__ __forceinline__ void fence_operands(float (&r)[N]) {
