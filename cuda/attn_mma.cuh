@@ -857,8 +857,9 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
 template <int D> constexpr int kTokmatThreads = D >= 64 ? 256 : kThreads;
 template <int D> constexpr int kTokmatRows = kTokmatThreads<D> / 2;  // 16 per warp
 template <int D> constexpr bool kTokmatStageX = D < 128;
-// CTAs per SM the registers must allow: 2 at D = 128 (what shared memory allows), 3 for the
-// preprocess below (ptxas otherwise took up to 120 registers there: 2 CTAs per SM).
+// CTAs per SM the registers must allow: 3 for the preprocess below D = 128 (given 1, ptxas took
+// 120 registers there, i.e. 2 CTAs per SM); 2 otherwise (at D = 128 shared memory allows no
+// more; the states backward below D = 128 spilled at 3).
 template <int D, bool kPrep> constexpr int kTokmatMinBlocks = kPrep && D < 128 ? 3 : 2;
 // Shared memory: M's hi and lo halves ([D][SD] each), y, and x when staged ([rows][SD] each).
 template <typename T, int D>
@@ -888,7 +889,7 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
   const T* xb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
   const T* yb = kPrep ? head_ptr<T>(p.dout, p.dout_st, bi, hi) : head_ptr<T>(p.v, p.v_st, bi, hi);
   const int64_t ystride = kPrep ? p.dout_st.n : p.v_st.n;
-  const T* ob = head_ptr<T>(p.out, p.out_st, bi, hi);
+  const T* ob = kPrep ? head_ptr<T>(p.out, p.out_st, bi, hi) : nullptr;
   load_rows<T, D, BT, THREADS>(sY, yb, ystride, t0, t1);
   if constexpr (kTokmatStageX<D>) {
     const int cpr = ds / 8;
