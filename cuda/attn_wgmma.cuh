@@ -34,17 +34,19 @@ constexpr int kBN = 64;        // keys per tile
 // of 128 and stage S_c (64 KiB) once instead of twice: H200, 64k, 792 -> 719 us. At D = 64 one
 // (257 us against 267 with two): 4 CTAs per SM interleave more than 2 CTAs of 2 warpgroups.
 template <int D> constexpr int kFwdWarpgroups = D == 128 ? 2 : 1;
-// At D = 128 (one CTA per SM, shared memory to spare) the first S_c the epilogue needs is fetched
-// by one bulk copy into a buffer of its own when the CTA starts, so the epilogue converts it from
-// shared memory instead of waiting on 64 KiB of global loads. At D = 64 the 16 KiB buffer would
-// cost a CTA per SM.
-template <int D> constexpr bool kFwdBulkStates = D == 128;
-// Shared memory: Q ([64][D] per warpgroup), then 2 stages of K, then 2 of V ([64][D] each), then
-// with kFwdBulkStates the fp32 S_c ([D][D]) and its mbarrier; plus 1 KiB to align the start to an
-// atom.
+// The first S_c the epilogue needs is fetched by one bulk copy (TMA) into shared memory, so the
+// epilogue converts it from there instead of waiting on its global loads. At D = 128 (one CTA
+// per SM, shared memory to spare) it lands in a buffer of its own, issued when the CTA starts. At
+// D = 64 a 16 KiB buffer would cost a CTA per SM, so it lands in the K / V stage that the last
+// key tile does not use, issued as soon as that stage is free (a stage's K and V tiles are
+// adjacent: together they are exactly one fp32 [64][64] S_c).
+template <int D> constexpr bool kFwdOwnStatesBuffer = D == 128;
+// Shared memory: Q ([64][D] per warpgroup), then 2 stages of K and V ([64][D] each, K then V),
+// then with kFwdOwnStatesBuffer the fp32 S_c ([D][D]), then the copy's mbarrier; plus 1 KiB to
+// align the start to an atom.
 template <typename T, int D>
 constexpr size_t kSmemBytes = (kFwdWarpgroups<D> + 4) * 64 * D * sizeof(T) +
-                              (kFwdBulkStates<D> ? D * D * sizeof(float) + 16 : 0) + 1024;
+                              (kFwdOwnStatesBuffer<D> ? D * D * sizeof(float) : 0) + 16 + 1024;
 // CTAs per SM: at D = 64 shared memory allows 5, registers 4 (128 each: more spilled); at 128
 // (two warpgroups, 215 registers) one.
 template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 1;
@@ -66,15 +68,16 @@ __device__ __forceinline__ void load_tile(T* s, const T* base, int64_t stride_n,
 
 // The forward's and dQ's 2-stage K / V pipeline, before key tile j (keys from n0): issues the
 // cp.async loads of tile j + 1 into the other stage, then waits until tile j's stage is filled
-// and visible to wgmma (every thread of the CTA, of THREADS, calls it).
-template <typename T, int D, int THREADS = kThreads>
+// and visible to wgmma (every thread of the CTA, of THREADS, calls it). STAGE: elements from one
+// stage's K (and V) tile to the next's.
+template <typename T, int D, int THREADS = kThreads, int STAGE = kBN * D>
 __device__ __forceinline__ void kv_stage_ready(const AttnParams& p, T* sK, T* sV, const T* kb,
                                                const T* vb, int j, int nkv, int n0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if (j + 1 < nkv) {
     const int st = (j + 1) & 1;
-    load_tile<T, D, THREADS>(sK + st * kBN * D, kb, p.k_st.n, n0 + kBN, p.n);
-    load_tile<T, D, THREADS>(sV + st * kBN * D, vb, p.v_st.n, n0 + kBN, p.n);
+    load_tile<T, D, THREADS>(sK + st * STAGE, kb, p.k_st.n, n0 + kBN, p.n);
+    load_tile<T, D, THREADS>(sV + st * STAGE, vb, p.v_st.n, n0 + kBN, p.n);
     cp_async_commit();
     cp_async_wait<1>();
   } else {
@@ -148,10 +151,11 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   constexpr int WGS = kFwdWarpgroups<D>, THREADS = WGS * kThreads, ROWS = WGS * kBM;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
-  T* sK = sQ + ROWS * D;       // [2][64][D]
-  T* sV = sK + 2 * kBN * D;    // [2][64][D]
-  float* sS = reinterpret_cast<float*>(sV + 2 * kBN * D);  // [ds][D] (kFwdBulkStates)
-  uint64_t* s_ready = reinterpret_cast<uint64_t*>(sS + D * D);
+  constexpr int STAGE = 2 * kBN * D;  // a stage: its K tile, then its V tile
+  T* sK = sQ + ROWS * D;               // [2][K, V][64][D]
+  T* sV = sK + kBN * D;
+  float* sS_own = reinterpret_cast<float*>(sK + 2 * STAGE);  // [ds][D] (kFwdOwnStatesBuffer)
+  uint64_t* s_ready = reinterpret_cast<uint64_t*>(sS_own + (kFwdOwnStatesBuffer<D> ? D * D : 0));
 
   const auto [bh, bi, hi, m0] = row_tile(p, ROWS);
   const int n = p.n, B = p.chunk, w = p.overlap;
@@ -171,6 +175,10 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   const T* vb = mma::head_ptr<T>(p.v, p.v_st, bi, hi);
   const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + ROWS);
   const int nkv = cdiv(kv_hi - kv_lo, kBN);
+  // Where the S_c copies land: the own buffer, or the stage of key tile nkv - 2 (free from key
+  // tile nkv - 1 on; never used when nkv = 1).
+  float* sS = kFwdOwnStatesBuffer<D> ? sS_own : reinterpret_cast<float*>(sK + (nkv & 1) * STAGE);
+  const bool states_copy_at_start = kFwdOwnStatesBuffer<D> || nkv == 1;
 
   const T* qb = mma::head_ptr<T>(p.q, p.q_st, bi, hi);
 #pragma unroll
@@ -182,13 +190,12 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   // The head's retrieved states, fp32 [num_chunks][ds][D]; S_c is one [ds][D] block of it.
   const float* S_head = p.S + (int64_t)bh * p.num_chunks * p.ds * D;
   const uint32_t S_c_bytes = p.ds * D * sizeof(float);
-  if constexpr (kFwdBulkStates<D>) {
-    if (threadIdx.x == 0) {
-      mbar_init(s_ready);
-      bulk_copy_to_smem(sS, S_head + (int64_t)c_first * p.ds * D, S_c_bytes, s_ready);
-    }
+  if (threadIdx.x == 0) {
+    mbar_init(s_ready);
+    if (states_copy_at_start) bulk_copy_to_smem(sS, S_head + (int64_t)c_first * p.ds * D, S_c_bytes, s_ready);
   }
-  mma::prefetch_states<D, THREADS>(p, bh, c_first + kFwdBulkStates<D>, c_last);
+  // A copy issued late (from the last key tile on) still finds its S_c in L2.
+  mma::prefetch_states<D, THREADS>(p, bh, c_first + kFwdOwnStatesBuffer<D>, c_last);
 
   float o[D / 8][4];
 #pragma unroll
@@ -198,9 +205,13 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
 
   for (int j = 0; j < nkv; ++j) {
     const int n0 = kv_lo + j * kBN;
-    kv_stage_ready<T, D, THREADS>(p, sK, sV, kb, vb, j, nkv, n0);
-    const T* sKs = sK + (j & 1) * kBN * D;
-    const T* sVs = sV + (j & 1) * kBN * D;
+    if (!states_copy_at_start && j == nkv - 1 && threadIdx.x == 0) {
+      // the stage of tile j - 1: every read of it ended at that tile's closing barrier
+      bulk_copy_to_smem(sS, S_head + (int64_t)c_first * p.ds * D, S_c_bytes, s_ready);
+    }
+    kv_stage_ready<T, D, THREADS, STAGE>(p, sK, sV, kb, vb, j, nkv, n0);
+    const T* sKs = sK + (j & 1) * STAGE;
+    const T* sVs = sV + (j & 1) * STAGE;
 
     if (r0g < n && n0 < hi_g && n0 + kBN > lo_g) {  // warpgroup-uniform
       // S = Q K^T. A k step of 16 dims is 32 bytes along a swizzled row (2 in the descriptor's
@@ -228,32 +239,25 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   mma::normalize_rows(o, l_r);
 
   // Long-range term o += state_scale * qs S_c (mma::attn_fwd_kernel: S_c split hi + lo), with
-  // S_c's halves as swizzled [D][D] tiles in the K stages (hi) and after them (lo: the second K
-  // stage at D = 64, the V stages at 128), staged once for the CTA's warpgroups. Loads in flight
-  // per thread while staging: 8 float4 at D = 64, 16 at D = 128. A warpgroup issues the product
-  // for every chunk its rows meet (several when B is not a multiple of 64); a warp whose rows are
-  // in another chunk enters with A = 0.
+  // S_c (copied into sS) split into halves as swizzled [D][D] tiles, hi then lo: in the stage of
+  // the last key tile at D = 64, in both stages at 128; staged once for the CTA's warpgroups. A
+  // warpgroup issues the product for every chunk its rows meet (several when B is not a multiple
+  // of 64); a warp whose rows are in another chunk enters with A = 0.
   {
     const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
     const T* qsb = mma::head_ptr<T>(p.qs, p.qs_st, bi, hi);
-    T* sHi = sK;
-    T* sLo = sK + D * D;
+    T* sHi = sK + (kFwdOwnStatesBuffer<D> ? 0 : ((nkv - 1) & 1) * STAGE);
+    T* sLo = sHi + D * D;
     for (int c = c_first; c <= c_last; ++c) {
       __syncthreads();
-      const float* S_c = p.S + ((int64_t)bh * p.num_chunks + c) * ds * D;
-      if constexpr (kFwdBulkStates<D>) {
-        mbar_wait(s_ready, (c - c_first) & 1);
-        S_c = sS;
-      }
+      mbar_wait(s_ready, (c - c_first) & 1);
       mma::stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
-          sHi, sLo, S_c, ds, dsp, p.state_scale,
+          sHi, sLo, sS, ds, dsp, p.state_scale,
           [](int r, int col) { return sw<D>(r, col / 8) + col % 8; });
       fence_proxy_async();
       __syncthreads();
-      if constexpr (kFwdBulkStates<D>) {
-        if (threadIdx.x == 0 && c < c_last) {  // sS is read: fetch the next chunk's
-          bulk_copy_to_smem(sS, S_head + (int64_t)(c + 1) * ds * D, S_c_bytes, s_ready);
-        }
+      if (threadIdx.x == 0 && c < c_last) {  // sS is read: fetch the next chunk's
+        bulk_copy_to_smem(sS, S_head + (int64_t)(c + 1) * ds * D, S_c_bytes, s_ready);
       }
       if (r0g >= min(n, (c + 1) * B) || hi_g <= c * B) continue;  // no row of it in chunk c
       const bool mine = warp_ok && cw == c;

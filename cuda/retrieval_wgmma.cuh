@@ -92,8 +92,8 @@ __device__ __forceinline__ void load_a_rows2(const float* as, int xr, int k0, ui
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The wgmma mixing kernels' 2-stage cp.async pipeline over k tiles [kb, ke) (mix_kernel's, plus
 // the fence that makes each landed stage visible to wgmma's async proxy): load(stage, kt) issues
-// one commit group; body(stage) runs once tile kt is in `stage`; a stage is refilled only after
-// every thread has left the body that read it.
+// one commit group; body(stage, kt) runs once tile kt is in `stage`; a stage is refilled only
+// after every thread has left the body that read it.
 template <typename Load, typename Body>
 __device__ __forceinline__ void two_stage_pipeline(int kb, int ke, Load&& load, Body&& body) {
   if (kb < ke) load(0, kb);
@@ -107,7 +107,7 @@ __device__ __forceinline__ void two_stage_pipeline(int kb, int ke, Load&& load, 
     }
     fence_proxy_async();
     __syncthreads();
-    body(st);
+    body(st, kt);
     __syncthreads();
   }
 }
@@ -174,7 +174,9 @@ __global__ void __launch_bounds__(kTThreads, kALo ? 1 : 2) mix_t_wgmma_kernel(co
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[nb][i] = 0.f;
 
-  two_stage_pipeline(kb, ke, load, [&](int st) {
+  // One stage over the 64-wide blocks [NB0, NB1) of output chunks.
+  auto stage = [&](int st, auto nb0, auto nb1) {
+    constexpr int NB0 = decltype(nb0)::value, NB1 = decltype(nb1)::value;
     // A fragments in two register sets: the k step ks + 2 reuses the set of step ks once the
     // wgmma group that read it has completed, so its shared-memory reads overlap step ks + 1.
     const __nv_bfloat16* hi_tile = sB + st * Smem::kPlanes * Smem::kB;
@@ -189,7 +191,7 @@ __global__ void __launch_bounds__(kTThreads, kALo ? 1 : 2) mix_t_wgmma_kernel(co
       load_a_rows2(sA + st * Smem::kA, xr, ks * 16, as[0], as[1]);
       wgmma_fence();
 #pragma unroll
-      for (int nb = 0; nb < 2; ++nb) {
+      for (int nb = NB0; nb < NB1; ++nb) {
         // Both layouts put the 64-wide n block nb at 64 * 64 elements; a k step of 16 is 32
         // bytes along a swizzled row (K-major) or two 8-row atoms (MN-major).
         const uint64_t step = kTransB ? (2048 >> 4) * ks : 2 * ks;
@@ -208,6 +210,22 @@ __global__ void __launch_bounds__(kTThreads, kALo ? 1 : 2) mix_t_wgmma_kernel(co
     fence_operands(acc[1]);
     fence_operands(a[0]);
     fence_operands(a[1]);
+  };
+  using Nb0 = std::integral_constant<int, 0>;
+  using Nb1 = std::integral_constant<int, 1>;
+  using Nb2 = std::integral_constant<int, 2>;
+  two_stage_pipeline(kb, ke, load, [&](int st, int kt) {
+    // In the diagonal tile one stage holds nothing for one 64-wide block of output chunks (P
+    // is zero there), and skips its wgmmas: mode 0's stage of j >= n0 + 64 for block 0
+    // (c < n0 + 64), mode 1's stage of c < n0 + 64 for block 1 (j >= n0 + 64).
+    const int k0 = kt * kTK;
+    if (MODE == 0 && k0 >= n0 + 64) {
+      stage(st, Nb1{}, Nb2{});
+    } else if (MODE == 1 && k0 + kTK <= n0 + 64) {
+      stage(st, Nb0{}, Nb1{});
+    } else {
+      stage(st, Nb0{}, Nb2{});
+    }
   });
 
   // acc[nb][4j + e]: fragment row g (+8 for e >= 2), i.e. x = xr + 2g (+1); output chunk
@@ -311,7 +329,7 @@ static __global__ void __launch_bounds__(kTThreads, 2) scores_wgmma_kernel(const
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[nb][i] = 0.f;
 
-  two_stage_pipeline(kb, ke, load, [&](int st) {
+  two_stage_pipeline(kb, ke, load, [&](int st, int) {
     const float* a_tile = sA + st * kA;
     const __nv_bfloat16* b_tile = sB + st * kB;
     // A fragments in two register sets, as in mix_t_wgmma_kernel. A k' step of 16 is 8 words
