@@ -12,7 +12,7 @@
 #   BASE_DTYPES, BASE_HEAD_DIMS   what the base build instantiates (default bf16; 64,128)
 #   TEST_TIMEOUT   seconds for tests/test_cuda.py (default 200; 0 skips tests and memcheck)
 set -uo pipefail
-base="${1:?usage: bash benchmarks/ab_run.sh BASE_DIR}"
+base="$(cd "${1:?usage: bash benchmarks/ab_run.sh BASE_DIR}" && pwd)" || exit 1
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
@@ -40,7 +40,7 @@ wait "$base_build"
 row='^\| cuda \| [a-z0-9]+ \| [0-9]+ \| [0-9]+k \| [a-z]+ \| [0-9.]+ \|'
 for _ in $(seq "${AB_ROUNDS:-2}"); do
   for side in base new; do
-    root="$PWD"; [ "$side" = base ] && root="$(cd "$base" && pwd)"
+    root="$PWD"; [ "$side" = base ] && root="$base"
     echo "== $side ($(since))"
     PYTHONPATH="$root/python" timeout 120 python3 benchmarks/bench_attention.py --device cuda --impls bsbr \
       --lengths "${AB_LENGTHS:-4k,64k}" --no-memory --markdown --no-copy-bw 2>&1 | grep -E "$row" | cut -c1-60
@@ -49,7 +49,7 @@ done
 longest="${AB_LENGTHS:-4k,64k}"; longest="${longest##*,}"
 for dim in ${AB_PROFILE-64}; do
   for side in base new; do
-    root="$PWD"; [ "$side" = base ] && root="$(cd "$base" && pwd)"
+    root="$PWD"; [ "$side" = base ] && root="$base"
     log="$OUT/profile_${side}_d$dim.txt"
     PYTHONPATH="$root/python" timeout 90 python3 benchmarks/profile_cuda.py --head-dim "$dim" \
       --lengths "$longest" --rows 24 > "$log" 2>&1
