@@ -744,6 +744,46 @@ constexpr int kStatesRows = 64;  // tokens per step
 template <typename T, int D>
 constexpr size_t kStatesSmemBytes = 4 * kStatesRows * Cfg<D>::SD * sizeof(T);
 
+// acc += X^T Y over the 16 tokens [k0, k0 + 16) for state rows [16 mt, 16 mt + 16) and the
+// columns [16 dd0, 16 (dd0 + ND)) of Y; X, Y are token-major [tokens][SD] tiles (X^T and Y both
+// read through ldmatrix.trans).
+template <typename T, int SD, int ND>
+__device__ __forceinline__ void add_xty_step(float (&acc)[2 * ND][4], const T* sX, const T* sY,
+                                             int k0, int mt, int dd0) {
+  const int lane = threadIdx.x % 32;
+  uint32_t a[4];
+  ldsm_x4_t(a, sX + (k0 + (lane / 16) * 8 + lane % 8) * SD + mt * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+  for (int dd = 0; dd < ND; ++dd) {
+    uint32_t b[4];
+    ldsm_x4_t(b, sY + bkn_off<SD>(lane, k0, (dd0 + dd) * 16));
+    mma16816<T>(acc[2 * dd], a, b[0], b[1]);
+    mma16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
+  }
+}
+
+// Stores scale * acc, the m16n8 tiles of state rows [16 mt, 16 mt + 16) (those < ds) and columns
+// [col0, col0 + 8 NT) of one chunk's [ds][D] block F, as fp32 or (split) as split-bf16 words.
+template <int D, int NT>
+__device__ __forceinline__ void store_state_rows(float* F, const float (&acc)[NT][4], int mt,
+                                                 int col0, int ds, float scale, bool split) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int row = mt * 16 + lane / 4 + h2 * 8;
+    if (row < ds) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int col = col0 + nt * 8 + (lane % 4) * 2;
+        const float v0 = acc[nt][2 * h2] * scale, v1 = acc[nt][2 * h2 + 1] * scale;
+        *reinterpret_cast<uint2*>(F + (int64_t)row * D + col) =
+            split ? make_uint2(split_word(v0), split_word(v1))
+                  : make_uint2(__float_as_uint(v0), __float_as_uint(v1));
+      }
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParams p) {
   constexpr int SD = Cfg<D>::SD, BT = kStatesRows, DT = D / 8;
@@ -756,7 +796,7 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
   const int bi = bh / p.h, hi = bh % p.h;
   const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
   const int t0 = c * p.chunk, t1 = min(p.n, t0 + p.chunk);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const T* xb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
   const T* yb = head_ptr<T>(p.v, p.v_st, bi, hi);
   // Token rows [s0, s0 + BT) into stage st, one commit group.
@@ -798,17 +838,7 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
 #pragma unroll
       for (int i = 0; i < MTW; ++i) {
         const int mt = warp + WARPS * i;
-        if (mt * 16 < dsp) {
-          uint32_t a[4];
-          ldsm_x4_t(a, sX + (kk * 16 + (lane / 16) * 8 + lane % 8) * SD + mt * 16 + ((lane / 8) % 2) * 8);
-#pragma unroll
-          for (int dd = 0; dd < D / 16; ++dd) {
-            uint32_t b[4];
-            ldsm_x4_t(b, sY + bkn_off<SD>(lane, kk * 16, dd * 16));
-            mma16816<T>(acc[i][2 * dd], a, b[0], b[1]);
-            mma16816<T>(acc[i][2 * dd + 1], a, b[2], b[3]);
-          }
-        }
+        if (mt * 16 < dsp) add_xty_step<T, SD, D / 16>(acc[i], sX, sY, kk * 16, mt, 0);
       }
     }
     __syncthreads();  // every read of this stage is done before it is refilled
@@ -816,21 +846,7 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
   float* F = p.states + ((int64_t)bh * p.num_chunks + c) * ds * D;
 #pragma unroll
   for (int i = 0; i < MTW; ++i) {
-    const int mt = warp + WARPS * i;
-#pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) {
-      const int row = mt * 16 + lane / 4 + h2 * 8;
-      if (row < ds) {
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          const int col = dt * 8 + (lane % 4) * 2;
-          const float v0 = acc[i][dt][2 * h2] * p.out_scale, v1 = acc[i][dt][2 * h2 + 1] * p.out_scale;
-          *reinterpret_cast<uint2*>(F + (int64_t)row * D + col) =
-              p.states_split ? make_uint2(split_word(v0), split_word(v1))
-                             : make_uint2(__float_as_uint(v0), __float_as_uint(v1));
-        }
-      }
-    }
+    store_state_rows<D>(F, acc[i], warp + WARPS * i, 0, ds, p.out_scale, p.states_split);
   }
 }
 
@@ -861,6 +877,14 @@ template <int D> constexpr bool kTokmatStageX = D < 128;
 // 120 registers there, i.e. 2 CTAs per SM); 2 otherwise (at D = 128 shared memory allows no
 // more; the states backward below D = 128 spilled at 3).
 template <int D, bool kPrep> constexpr int kTokmatMinBlocks = kPrep && D < 128 ? 3 : 2;
+// Whether the preprocess also writes the chunk-state gradients dR_c = out_scale * qs_c^T dO_c
+// into p.states (asked for by setting p.states): where a CTA holds all of its chunk's tokens,
+// x (q_state) and y (dO) staged, so the separate chunk-states pass that re-read q_state and dO
+// is not needed. p.states may be p.S: the CTA is the only reader of S_c and has staged it by then.
+template <int D>
+__host__ __device__ constexpr bool tokmat_prep_writes_states(const AttnParams& p) {
+  return kTokmatStageX<D> && p.states != nullptr && p.chunk <= kTokmatRows<D>;
+}
 // Shared memory: M's hi and lo halves ([D][SD] each), y, and x when staged ([rows][SD] each).
 template <typename T, int D>
 constexpr size_t kTokmatSmemBytes =
@@ -922,8 +946,26 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
   cp_async_wait<0>();
   __syncthreads();
 
+  // The preprocess's chunk-state gradients (tokmat_prep_writes_states), run by every warp last:
+  // dR_c = out_scale * x^T y over the chunk's tokens (t0 = its first), in the warps' tiles of 16
+  // state rows by 32 columns; rows of x and y past t1 are zero. No barrier: x and y stay staged.
+  auto prep_states = [&] {
+    if constexpr (kPrep && kTokmatStageX<D>) {
+      if (tokmat_prep_writes_states<D>(p)) {
+        constexpr int kColBlocks = D / 32, kWarps = THREADS / 32;
+        float* F = p.states + ((int64_t)bh * p.num_chunks + c) * ds * D;
+        for (int tile = threadIdx.x / 32; tile < dsp / 16 * kColBlocks; tile += kWarps) {
+          const int mt = tile / kColBlocks, col0 = tile % kColBlocks * 32;
+          float acc[4][4] = {};
+          for (int k0 = 0; k0 < t1 - t0; k0 += 16) add_xty_step<T, SD, 2>(acc, sX, sY, k0, mt, col0 / 16);
+          store_state_rows<D>(F, acc, mt, col0, ds, p.out_scale, p.states_split);
+        }
+      }
+    }
+  };
+
   const int r0 = warp * 16;
-  if (t0 + r0 >= t1) return;  // no barrier below
+  if (t0 + r0 >= t1) return prep_states();  // no barrier below
   const int ra = t0 + r0 + lane / 4, rb = ra + 8;
   // The A fragment of x's columns [k0, k0 + 16) for the warp's 16 tokens (zero past ds, t1).
   auto load_x = [&](uint32_t(&a)[4], int k0) {
@@ -1001,6 +1043,7 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
       part[i] += __shfl_xor_sync(0xffffffffu, part[i], 2);
       if (row < t1 && lane % 4 == 0) p.delta[(int64_t)bh * n + row] = part[i];
     }
+    prep_states();
   } else {
     // dy = x M  [16 x D]
     float ay[DT][4];

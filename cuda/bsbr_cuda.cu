@@ -855,18 +855,28 @@ class AttnBackward {
 
   // dS_c = state_scale * sum_{t in c} qs[t]^T dO[t]: the chunk-states product of (qs, dO). With
   // dR_into_S it overwrites the retrieved states once the preprocess (their only reader) has
-  // run: one fp32 state buffer less at the backward's peak. dR_split writes split-bf16 words
-  // (the tensor-core mixing's operand format).
+  // read them: one fp32 state buffer less at the backward's peak; the tensor-core preprocess
+  // then computes it itself where its CTAs hold whole chunks (run_attn_bwd_prep), else the
+  // chunk-states kernel runs after it. dR_split writes split-bf16 words (the tensor-core
+  // mixing's operand format).
   Tensor preprocess(bool dR_into_S = false, bool dR_split = false) {
     if (empty_) return at::zeros(dR_shape_, opts_);
     Tensor dR;
-    if (!dR_into_S) dR = states_impl(qs_, dout_, chunk_, state_scale_, Tensor(), dR_split);
+    if (dR_into_S) {
+      p_.states = S_.data_ptr<float>();
+      p_.out_scale = static_cast<float>(state_scale_);
+      p_.states_split = dR_split;
+    } else {
+      dR = states_impl(qs_, dout_, chunk_, state_scale_, Tensor(), dR_split);
+    }
     auto stream = at::cuda::getCurrentCUDAStream();
+    bool wrote_dR = false;
     dispatch(st_, d_, [&](auto t, auto dim) {
-      run_attn_bwd_prep<decltype(t), decltype(dim)::value>(p_, stream);
+      wrote_dR = run_attn_bwd_prep<decltype(t), decltype(dim)::value>(p_, stream);
     });
-    if (dR_into_S) dR = states_impl(qs_, dout_, chunk_, state_scale_, S_, dR_split);
+    if (dR_into_S) dR = wrote_dR ? S_ : states_impl(qs_, dout_, chunk_, state_scale_, S_, dR_split);
     p_.S = nullptr;  // dead from here (and overwritten with dR_into_S)
+    p_.states = nullptr;
     return dR;
   }
 

@@ -66,7 +66,9 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
 // Chunk states F_j = sum_t qs[t]^T v[t] (times out_scale), and its backward.
 template <typename T, int D> void run_states_fwd(const AttnParams& p, cudaStream_t stream);
 template <typename T, int D> void run_states_bwd(const AttnParams& p, cudaStream_t stream);
-// Backward preprocess: dqs = state_scale dO S_c^T, delta = dO.out - qs.dqs.
-template <typename T, int D> void run_attn_bwd_prep(const AttnParams& p, cudaStream_t stream);
+// Backward preprocess: dqs = state_scale dO S_c^T, delta = dO.out - qs.dqs. With p.states set,
+// the kernel may also write the chunk-state gradients out_scale * qs_c^T dO_c there (as
+// run_states_fwd with x = qs, y = dO would); returns whether it did.
+template <typename T, int D> bool run_attn_bwd_prep(const AttnParams& p, cudaStream_t stream);
 
 }  // namespace bsbr_cuda

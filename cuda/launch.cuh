@@ -105,12 +105,16 @@ template <typename T, int D> void run_states_bwd(const AttnParams& p, cudaStream
               (p.ds * (D + 1) + 2 * aux::kTok * D) * sizeof(float), stream, p);
 }
 
-template <typename T, int D> void run_attn_bwd_prep(const AttnParams& p, cudaStream_t stream) {
+template <typename T, int D> bool run_attn_bwd_prep(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHasMma<T>) {
-    if (!p.simt) return run_tokmat<T, true, D>(p, stream);
+    if (!p.simt) {
+      run_tokmat<T, true, D>(p, stream);
+      return mma::tokmat_prep_writes_states<D>(p);
+    }
   }
   launch_smem(aux::bwd_prep_kernel<T, D>, grid_chunks(p), aux::kThreads,
               (p.ds * (D + 1) + aux::kTok * D) * sizeof(float), stream, p);
+  return false;
 }
 
 }  // namespace bsbr_cuda

@@ -4,5 +4,5 @@
 namespace bsbr_cuda {
 template void run_states_fwd<float, 128>(const AttnParams&, cudaStream_t);
 template void run_states_bwd<float, 128>(const AttnParams&, cudaStream_t);
-template void run_attn_bwd_prep<float, 128>(const AttnParams&, cudaStream_t);
+template bool run_attn_bwd_prep<float, 128>(const AttnParams&, cudaStream_t);
 }  // namespace bsbr_cuda

@@ -4,5 +4,5 @@
 namespace bsbr_cuda {
 template void run_states_fwd<__nv_bfloat16, 32>(const AttnParams&, cudaStream_t);
 template void run_states_bwd<__nv_bfloat16, 32>(const AttnParams&, cudaStream_t);
-template void run_attn_bwd_prep<__nv_bfloat16, 32>(const AttnParams&, cudaStream_t);
+template bool run_attn_bwd_prep<__nv_bfloat16, 32>(const AttnParams&, cudaStream_t);
 }  // namespace bsbr_cuda
