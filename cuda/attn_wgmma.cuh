@@ -272,19 +272,19 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
 #pragma unroll
         for (int i = 0; i < 4; ++i) a[kk][i] = mine ? a[kk][i] : 0u;
       }
-      wgmma_fence();
+      with_static_count<D / 16>(dsp / 16, [&](auto k_steps) {  // the state dims, 16 per step
+        wgmma_fence();
 #pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-        const uint64_t hi_desc = sw_desc(sHi + nb * D * 64), lo_desc = sw_desc(sLo + nb * D * 64);
+        for (int nb = 0; nb < NB; ++nb) {
+          const uint64_t hi_desc = sw_desc(sHi + nb * D * 64), lo_desc = sw_desc(sLo + nb * D * 64);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          if (kk * 16 < dsp) {
+          for (int kk = 0; kk < k_steps; ++kk) {
             wgmma_rs<T, true>(acc64(o, nb), a[kk], hi_desc + (2048 >> 4) * kk);
             wgmma_rs<T, true>(acc64(o, nb), a[kk], lo_desc + (2048 >> 4) * kk);
           }
         }
-      }
-      wgmma_commit();
+        wgmma_commit();
+      });
       wgmma_wait<0>();
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(o, nb));

@@ -205,6 +205,16 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)), "r"(phase) : "memory");
 }
+// Calls f(std::integral_constant<int, n>{}) for a runtime n in [1, MAX], so that a loop of
+// wgmmas up to n has a bound the compiler sees: a runtime test between two wgmmas makes ptxas
+// inject a warpgroup.arrive there (C7519), serialising the batch.
+template <int MAX, typename F>
+__device__ __forceinline__ void with_static_count(int n, F&& f) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_static_count<MAX - 1>(n, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
 // Pins registers that an in-flight wgmma reads or writes: the compiler sees them used here, so it
 // neither reads the accumulators nor reuses the A registers before this point (after the wait).
 template <int N> __device__ __forceinline__ void fence_operands(float (&r)[N]) {
