@@ -879,11 +879,12 @@ template <int D> constexpr bool kTokmatStageX = D < 128;
 template <int D, bool kPrep> constexpr int kTokmatMinBlocks = kPrep && D < 128 ? 3 : 2;
 // Whether the preprocess also writes the chunk-state gradients dR_c = out_scale * qs_c^T dO_c
 // into p.states (asked for by setting p.states): where a CTA holds all of its chunk's tokens,
-// x (q_state) and y (dO) staged, so the separate chunk-states pass that re-read q_state and dO
-// is not needed. p.states may be p.S: the CTA is the only reader of S_c and has staged it by then.
+// with y (dO) staged and x (q_state) staged or (D = 128) staged into M's hi half once the
+// products are done, so the separate chunk-states pass that re-read q_state and dO is not
+// needed. p.states may be p.S: the CTA is the only reader of S_c and has staged it by then.
 template <int D>
 __host__ __device__ constexpr bool tokmat_prep_writes_states(const AttnParams& p) {
-  return kTokmatStageX<D> && p.states != nullptr && p.chunk <= kTokmatRows<D>;
+  return p.states != nullptr && p.chunk <= kTokmatRows<D>;
 }
 // Shared memory: M's hi and lo halves ([D][SD] each), y, and x when staged ([rows][SD] each).
 template <typename T, int D>
@@ -915,18 +916,22 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
   const int64_t ystride = kPrep ? p.dout_st.n : p.v_st.n;
   const T* ob = kPrep ? head_ptr<T>(p.out, p.out_st, bi, hi) : nullptr;
   load_rows<T, D, BT, THREADS>(sY, yb, ystride, t0, t1);
-  if constexpr (kTokmatStageX<D>) {
+  // x's rows [t0, t1) into dst ([BT][SD], zero past ds and t1), by cp.async (not committed).
+  auto stage_x = [&](T* dst) {
     const int cpr = ds / 8;
     for (int idx = threadIdx.x; idx < BT * cpr; idx += THREADS) {
       const int r = idx / cpr, cc = idx % cpr;
       const int t = t0 + r;
       const bool ok = t < t1;
-      cp_async16(sX + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
+      cp_async16(dst + r * SD + cc * 8, ok ? xb + (int64_t)t * p.qs_st.n + cc * 8 : xb, ok);
     }
     for (int idx = threadIdx.x; idx < BT * (dsp - ds); idx += THREADS) {
       const int r = idx / (dsp - ds), col = ds + idx % (dsp - ds);
-      sX[r * SD + col] = from_f<T>(0.f);
+      dst[r * SD + col] = from_f<T>(0.f);
     }
+  };
+  if constexpr (kTokmatStageX<D>) {
+    stage_x(sX);
   } else {
     // x (and out, for delta) are read from global after the products, straight into
     // registers: bring their rows into L2 while M is staged.
@@ -948,16 +953,27 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
 
   // The preprocess's chunk-state gradients (tokmat_prep_writes_states), run by every warp last:
   // dR_c = out_scale * x^T y over the chunk's tokens (t0 = its first), in the warps' tiles of 16
-  // state rows by 32 columns; rows of x and y past t1 are zero. No barrier: x and y stay staged.
+  // state rows by 32 columns; rows of x and y past t1 are zero. Below D = 128 x and y stay
+  // staged and no barrier is needed; at D = 128 x is staged now, over M's hi half, once every
+  // warp is done reading M (the warps without tokens come here directly and wait there too).
   auto prep_states = [&] {
-    if constexpr (kPrep && kTokmatStageX<D>) {
+    if constexpr (kPrep) {
       if (tokmat_prep_writes_states<D>(p)) {
+        const T* sXs = sX;
+        if constexpr (!kTokmatStageX<D>) {
+          __syncthreads();
+          stage_x(sMhi);
+          cp_async_commit();
+          cp_async_wait<0>();
+          __syncthreads();
+          sXs = sMhi;
+        }
         constexpr int kColBlocks = D / 32, kWarps = THREADS / 32;
         float* F = p.states + ((int64_t)bh * p.num_chunks + c) * ds * D;
         for (int tile = threadIdx.x / 32; tile < dsp / 16 * kColBlocks; tile += kWarps) {
           const int mt = tile / kColBlocks, col0 = tile % kColBlocks * 32;
           float acc[4][4] = {};
-          for (int k0 = 0; k0 < t1 - t0; k0 += 16) add_xty_step<T, SD, 2>(acc, sX, sY, k0, mt, col0 / 16);
+          for (int k0 = 0; k0 < t1 - t0; k0 += 16) add_xty_step<T, SD, 2>(acc, sXs, sY, k0, mt, col0 / 16);
           store_state_rows<D>(F, acc, mt, col0, ds, p.out_scale, p.states_split);
         }
       }
@@ -965,7 +981,7 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
   };
 
   const int r0 = warp * 16;
-  if (t0 + r0 >= t1) return prep_states();  // no barrier below
+  if (t0 + r0 >= t1) return prep_states();  // no barrier below but prep_states's
   const int ra = t0 + r0 + lane / 4, rb = ra + 8;
   // The A fragment of x's columns [k0, k0 + 16) for the warp's 16 tokens (zero past ds, t1).
   auto load_x = [&](uint32_t(&a)[4], int k0) {
