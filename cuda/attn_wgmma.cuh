@@ -189,10 +189,13 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
   // The head's retrieved states, fp32 [num_chunks][ds][D]; S_c is one [ds][D] block of it.
   const float* S_head = p.S + (int64_t)bh * p.num_chunks * p.ds * D;
-  const uint32_t S_c_bytes = p.ds * D * sizeof(float);
+  // One thread's bulk copy of chunk c's S_c into sS, completing on s_ready.
+  auto copy_states = [&](int c) {
+    bulk_copy_to_smem(sS, S_head + (int64_t)c * p.ds * D, p.ds * D * sizeof(float), s_ready);
+  };
   if (threadIdx.x == 0) {
     mbar_init(s_ready);
-    if (states_copy_at_start) bulk_copy_to_smem(sS, S_head + (int64_t)c_first * p.ds * D, S_c_bytes, s_ready);
+    if (states_copy_at_start) copy_states(c_first);
   }
   // A copy issued late (from the last key tile on) still finds its S_c in L2.
   mma::prefetch_states<D, THREADS>(p, bh, c_first + kFwdOwnStatesBuffer<D>, c_last);
@@ -207,7 +210,7 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
     const int n0 = kv_lo + j * kBN;
     if (!states_copy_at_start && j == nkv - 1 && threadIdx.x == 0) {
       // the stage of tile j - 1: every read of it ended at that tile's closing barrier
-      bulk_copy_to_smem(sS, S_head + (int64_t)c_first * p.ds * D, S_c_bytes, s_ready);
+      copy_states(c_first);
     }
     kv_stage_ready<T, D, THREADS, STAGE>(p, sK, sV, kb, vb, j, nkv, n0);
     const T* sKs = sK + (j & 1) * STAGE;
@@ -257,7 +260,7 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
       fence_proxy_async();
       __syncthreads();
       if (threadIdx.x == 0 && c < c_last) {  // sS is read: fetch the next chunk's
-        bulk_copy_to_smem(sS, S_head + (int64_t)(c + 1) * ds * D, S_c_bytes, s_ready);
+        copy_states(c + 1);
       }
       if (r0g >= min(n, (c + 1) * B) || hi_g <= c * B) continue;  // no row of it in chunk c
       const bool mine = warp_ok && cw == c;
