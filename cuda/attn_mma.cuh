@@ -239,11 +239,12 @@ __device__ __forceinline__ void ds_tile(float (&s)[NT][4], const float (&dp)[NT]
 }
 
 // The dK/dV kernels' per-query columns of a stage of queries [t0, t0 + N): lse in log2 units,
-// delta, and the window start (n for a query past the end: it sees no key).
+// delta, and the window start (n for a query past the end: it sees no key). Loaded by one
+// group of kThreads threads (a warpgroup of a larger CTA loads its own queries).
 template <int N>
 __device__ __forceinline__ void load_query_stats(float* sL, float* sD, int* sLo, const float* lse,
                                                  const float* dlt, int t0, int n, int B, int w) {
-  for (int i = threadIdx.x; i < N; i += kThreads) {
+  for (int i = threadIdx.x % kThreads; i < N; i += kThreads) {
     const int t = t0 + i;
     const bool ok = t < n;
     sL[i] = ok ? lse[t] * kLog2e : 0.f;

@@ -51,14 +51,14 @@ constexpr size_t kSmemBytes = (kFwdWarpgroups<D> + 4) * 64 * D * sizeof(T) +
 // (two warpgroups, 215 registers) one.
 template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 1;
 
-// Async copy of rows [r0, r0 + 64) of a [n, D] strided matrix into a swizzled tile by a CTA of
-// THREADS threads; rows outside [0, n) read as 0.
+// Async copy of rows [r0, r0 + 64) of a [n, D] strided matrix into a swizzled tile by a group of
+// THREADS threads (the CTA, or one warpgroup of it); rows outside [0, n) read as 0.
 template <typename T, int D, int THREADS = kThreads>
 __device__ __forceinline__ void load_tile(T* s, const T* base, int64_t stride_n, int r0, int n) {
   constexpr int CPR = D / 8;
 #pragma unroll
   for (int i = 0; i < 64 * CPR / THREADS; ++i) {
-    const int idx = i * THREADS + threadIdx.x, r = idx / CPR, c = idx % CPR;
+    const int idx = i * THREADS + threadIdx.x % THREADS, r = idx / CPR, c = idx % CPR;
     const int t = r0 + r;
     const bool ok = t >= 0 && t < n;
     cp_async16(s + sw<64>(r, c), ok ? base + (int64_t)t * stride_n + c * 8 : base, ok);
@@ -378,13 +378,101 @@ __device__ __forceinline__ void wait_dkv_products(float (&dk)[DT][4], float (&dv
 #endif
 }
 
+// The chunk-states backward of a CTA's keys [m0, m0 + rows), added to dk and dv before their one
+// rounding (as in mma::attn_dkv_kernel): for each chunk c the keys touch, dF_c is staged hi/lo
+// in sF_hi / sF_lo ([64][D] swizzled each), 64 of its rows at a time, and each warp adds
+// dk += v dF_c^T (dF_c as a K-major operand) and dv += k dF_c (MN-major) for its 16 keys, with
+// its rows of sK / sV (its warpgroup's [64][D] tiles) as register A operands (zero for a warp
+// whose keys are in another chunk). uw: the warp's first key. Every thread of the CTA (THREADS)
+// calls it.
+template <typename T, int D, int THREADS>
+__device__ __forceinline__ void add_chunk_states_grad(const AttnParams& p, float (&dk)[D / 8][4],
+                                                      float (&dv)[D / 8][4], const T* sK,
+                                                      const T* sV, T* sF_hi, T* sF_lo, int bh,
+                                                      int m0, int rows, int uw) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NB = D / 64;
+  const int n = p.n, B = p.chunk;
+  const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  const int c_first = m0 / B, c_last = (min(n, m0 + rows) - 1) / B;
+  const int cw = min(uw, n - 1) / B;
+  const bool warp_ok = uw < n;
+#pragma unroll 1
+  for (int c = c_first; c <= c_last; ++c) {
+    const bool mine = warp_ok && cw == c;
+    const float* dF = p.dF + ((int64_t)bh * p.num_chunks + c) * D * D;
+#pragma unroll
+    for (int r0 = 0; r0 < D; r0 += 64) {
+      __syncthreads();
+      mma::stage_split_at<T, D, 8, THREADS>(sF_hi, sF_lo, dF + r0 * D, 64, 64, 1.f,
+                                            [](int r, int col) { return sw<64>(r, col / 8) + col % 8; });
+      fence_proxy_async();
+      __syncthreads();
+      // The warp's rows of V (all D dims) and of K (the slab's 64 dims) as A fragments.
+      uint32_t av[D / 16][4], ak[4][4];
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        ldsm_x4(av[kk], sV + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) av[kk][i] = mine ? av[kk][i] : 0u;
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        ldsm_x4(ak[kk], sK + sw<kBM>(warp * 16 + lane % 16, r0 / 8 + kk * 2 + lane / 16));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ak[kk][i] = mine ? ak[kk][i] : 0u;
+      }
+      wgmma_fence();
+      // dk[:, r0 + r] += sum_j v[:, j] dF[r0 + r, j]: B(j, r) = dF[r0 + r][j], K-major.
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int blk = kk / 4, step = 2 * (kk % 4);
+        wgmma_rs<T, false>(acc64(dk, r0 / 64), av[kk], sw_desc(sF_hi + blk * 64 * 64) + step);
+        wgmma_rs<T, false>(acc64(dk, r0 / 64), av[kk], sw_desc(sF_lo + blk * 64 * 64) + step);
+      }
+      // dv[:, j] += sum_i k[:, r0 + i] dF[r0 + i, j]: B(i, j) = dF[r0 + i][j], MN-major.
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          wgmma_rs<T, true>(acc64(dv, nb), ak[kk], sw_desc(sF_hi + nb * 64 * 64) + (2048 >> 4) * kk);
+          wgmma_rs<T, true>(acc64(dv, nb), ak[kk], sw_desc(sF_lo + nb * 64 * 64) + (2048 >> 4) * kk);
+        }
+      wait_dkv_products(dk, dv, av, ak);
+    }
+  }
+#endif
+}
+
+// dk and dv (fp32, the accumulators' layout) into rows ua and ua + 8 of p.dk and p.dv.
+template <typename T, int DT>
+__device__ __forceinline__ void store_dkv(const AttnParams& p, const float (&dk)[DT][4],
+                                          const float (&dv)[DT][4], int bh, int ua) {
+  constexpr int D = DT * 8;
+  const int n = p.n, lane = threadIdx.x % 32;
+  T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
+  T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = ua + 8 * i;
+    if (row < n) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        *reinterpret_cast<uint32_t*>(okp + (int64_t)row * D + col) =
+            pack2<T>(dk[dt][2 * i], dk[dt][2 * i + 1]);
+        *reinterpret_cast<uint32_t*>(ovp + (int64_t)row * D + col) =
+            pack2<T>(dv[dt][2 * i], dv[dt][2 * i + 1]);
+      }
+    }
+  }
+}
+
 // dK/dV on wgmma (one warpgroup per 64 keys; K, V fixed in swizzled tiles, Q / dO tiles of 64
 // queries in 2 stages): S^T = K Q^T and dP^T = V dO^T from shared memory, P^T and dS^T formed in
 // the accumulators, then dV += P^T dO and dK += dS^T Q with Q / dO as MN-major operands. With
-// p.dF (k_state = k) the chunk-states backward is added before the one rounding, as in
-// mma::attn_dkv_kernel: dF_c staged hi/lo in the free Q stages, 64 of its rows at a time,
-// dk += v dF_c^T (dF_c as a K-major operand) and dv += k dF_c (MN-major), with the warp's V / K
-// rows as register A operands (zero for a warp whose keys are in another chunk).
+// p.dF (k_state = k) the chunk-states backward is added before the one rounding
+// (add_chunk_states_grad, staging dF_c in the free Q stages).
 // D = 64: 3 CTAs per SM; ptxas then fits it in 168 registers with 16 bytes of spill; at 2 CTAs
 // (196 registers, no spill) it took 107.5 instead of 90.3 us per head group (64k, H200, Run 13).
 // D = 128: the dk and dv accumulators are 128 registers per thread; the score tiles (64 more)
@@ -482,76 +570,151 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
   for (int i = 0; i < DT; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
+  // dF_c's hi / lo slabs go to Q stages 0 and 1.
+  if (p.dF != nullptr) add_chunk_states_grad<T, D, kThreads>(p, dk, dv, sK, sV, sQ, sQ + QN * D, bh, m0, kBM, uw);
+  store_dkv<T>(p, dk, dv, bh, ua);
+#endif
+}
 
-  if (p.dF != nullptr) {
-    // A slab of 64 rows of dF_c: hi in Q stage 0, lo in Q stage 1 ([64][D] swizzled each).
-    T* sF_hi = sQ;
-    T* sF_lo = sQ + QN * D;
-    const int c_first = m0 / B, c_last = (min(n, m0 + kBM) - 1) / B;
-    const int cw = min(uw, n - 1) / B;
-    const bool warp_ok = uw < n;
+// dQ, dK and dV in one kernel, where no query's window reaches outside the CTA's rows: no
+// overlap (w = 0) and chunks of 128 (WG = 2 warpgroups, a CTA per chunk) or of a size dividing 64
+// (WG = 1). The CTA holds its R = 64 WG rows of K, V, Q and dO (warpgroup g loads rows
+// [64 g, 64 g + 64) and starts on its diagonal tile as soon as they are in). Warpgroup g owns
+// keys [64 g, 64 g + 64): for each query tile j >= g (tiles j < g are masked) it forms P^T and
+// dS^T as attn_dkv_kernel does, accumulates dV and dK, and stores dS^T(j, g), rounded to T as
+// the products use it, in shared memory. Warpgroup j then computes dQ_j = sum_{g <= j} dS(j, g)
+// K_g, reading dS(j, g) transposed (ldmatrix.trans) into its register A operand, in the order of
+// g as attn_dq_kernel sums its key tiles. Against attn_dkv_kernel + attn_dq_kernel this skips
+// dQ's recomputation of S and dP (6 of its 9 products per chunk of 128) and a second read of q,
+// k, v and dO.
+template <typename T, int D, int WG>
+constexpr size_t kDqkvSmemBytes = (4 * WG * D + WG * (WG + 1) / 2 * 64) * 64 * sizeof(T) +
+                                  3 * WG * 64 * sizeof(float) + 1024;
+
+template <typename T, int D, int WG>
+__global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
+    attn_dqkv_kernel(AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int R = WG * 64, TILE = 64 * D, NT = 8, DT = D / 8, NB = D / 64;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));  // [WG][64][D]
+  T* sV = sK + WG * TILE;
+  T* sQ = sV + WG * TILE;
+  T* sO = sQ + WG * TILE;  // dO
+  T* sS = sO + WG * TILE;  // dS^T(j, g) at tile j (j + 1) / 2 + g: [64 keys][64 queries]
+  float* sL = reinterpret_cast<float*>(sS + WG * (WG + 1) / 2 * 64 * 64);  // [R] lse * log2e
+  float* sD = sL + R;                                                       // [R] delta
+  int* sLo = reinterpret_cast<int*>(sD + R);                                // [R] window start
+
+  const auto [bh, bi, hi, m0] = row_tile(p, R);
+  const int n = p.n;
+  const int g = threadIdx.x / kThreads, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  const int r0g = m0 + g * 64;          // the warpgroup's rows: its keys, then its dQ rows
+  const int uw = r0g + warp * 16;       // 16 | B, so a warp's rows share one chunk
+  const int ua = uw + lane / 4;
+  const T* sKg = sK + g * TILE;
+  const T* sVg = sV + g * TILE;
+
+  load_tile<T, D>(sK + g * TILE, mma::head_ptr<T>(p.k, p.k_st, bi, hi), p.k_st.n, r0g, n);
+  load_tile<T, D>(sV + g * TILE, mma::head_ptr<T>(p.v, p.v_st, bi, hi), p.v_st.n, r0g, n);
+  load_tile<T, D>(sQ + g * TILE, mma::head_ptr<T>(p.q, p.q_st, bi, hi), p.q_st.n, r0g, n);
+  load_tile<T, D>(sO + g * TILE, mma::head_ptr<T>(p.dout, p.dout_st, bi, hi), p.dout_st.n, r0g, n);
+  cp_async_commit();
+  mma::load_query_stats<64>(sL + g * 64, sD + g * 64, sLo + g * 64, p.lse + (int64_t)bh * n,
+                            p.delta + (int64_t)bh * n, r0g, n, p.chunk, 0);
+
+  float dk[DT][4], dv[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+
+  // Score tile (j, g): dV += P^T dO_j, dK += dS^T Q_j, and dS^T(j, g) into sS.
+  auto score_tile = [&](int j) {
+    const T* sQj = sQ + j * TILE;
+    const T* sOj = sO + j * TILE;
+    float s[NT][4], dp[NT][4];
+    two_products<T, D>(s, dp, sKg, sQj, sVg, sOj);  // S^T = K_g Q_j^T, dP^T = V_g dO_j^T
+    mma::dst_tile(s, dp, m0 + j * 64, ua, n, sl2, sL + j * 64, sD + j * 64, sLo + j * 64);
+    uint32_t ap[4][4], ad[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      mma::p_fragment<T>(ap[kk], s, kk);
+      mma::p_fragment<T>(ad[kk], dp, kk);
+    }
+    // ad[kk] holds keys (warp rows) r, r + 8 by queries c, c + 8 of 16 kk + [0, 16): 4-byte
+    // stores into the swizzled [key][query] tile, conflict-free (8 rows: 8 distinct chunks).
+    T* sSt = sS + (j * (j + 1) / 2 + g) * 64 * 64;
+    const int r = warp * 16 + lane / 4;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int c = 16 * kk + 2 * (lane % 4);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int rr = r + 8 * (i % 2), cc = c + 8 * (i / 2);
+        *reinterpret_cast<uint32_t*>(sSt + sw<64>(rr, cc / 8) + cc % 8) = ad[kk][i];
+      }
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        wgmma_rs<T, true>(acc64(dv, nb), ap[kk], sw_desc(sOj + nb * 64 * 64) + (2048 >> 4) * kk);
+        wgmma_rs<T, true>(acc64(dk, nb), ad[kk], sw_desc(sQj + nb * 64 * 64) + (2048 >> 4) * kk);
+      }
+    wait_dkv_products(dk, dv, ap, ad);
+  };
+
+  cp_async_wait<0>();
+  fence_proxy_async();
+  if (WG == 1) {
+    __syncthreads();
+  } else {
+    named_barrier_sync(1 + g, kThreads);  // the warpgroup's own rows are in
+  }
+  score_tile(g);
+  if (WG > 1) {
+    __syncthreads();  // every warpgroup's rows are in
 #pragma unroll 1
-    for (int c = c_first; c <= c_last; ++c) {
-      const bool mine = warp_ok && cw == c;
-      const float* dF = p.dF + ((int64_t)bh * p.num_chunks + c) * D * D;
-#pragma unroll
-      for (int r0 = 0; r0 < D; r0 += 64) {
-        __syncthreads();
-        mma::stage_split_at<T, D, 8>(sF_hi, sF_lo, dF + r0 * D, 64, 64, 1.f,
-                                     [](int r, int col) { return sw<64>(r, col / 8) + col % 8; });
-        fence_proxy_async();
-        __syncthreads();
-        // The warp's rows of V (all D dims) and of K (the slab's 64 dims) as A fragments.
-        uint32_t av[D / 16][4], ak[4][4];
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          ldsm_x4(av[kk], sV + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
-#pragma unroll
-          for (int i = 0; i < 4; ++i) av[kk][i] = mine ? av[kk][i] : 0u;
-        }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          ldsm_x4(ak[kk], sK + sw<kBM>(warp * 16 + lane % 16, r0 / 8 + kk * 2 + lane / 16));
-#pragma unroll
-          for (int i = 0; i < 4; ++i) ak[kk][i] = mine ? ak[kk][i] : 0u;
-        }
-        wgmma_fence();
-        // dk[:, r0 + r] += sum_j v[:, j] dF[r0 + r, j]: B(j, r) = dF[r0 + r][j], K-major.
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const int blk = kk / 4, step = 2 * (kk % 4);
-          wgmma_rs<T, false>(acc64(dk, r0 / 64), av[kk], sw_desc(sF_hi + blk * 64 * 64) + step);
-          wgmma_rs<T, false>(acc64(dk, r0 / 64), av[kk], sw_desc(sF_lo + blk * 64 * 64) + step);
-        }
-        // dv[:, j] += sum_i k[:, r0 + i] dF[r0 + i, j]: B(i, j) = dF[r0 + i][j], MN-major.
-#pragma unroll
-        for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            wgmma_rs<T, true>(acc64(dv, nb), ak[kk], sw_desc(sF_hi + nb * 64 * 64) + (2048 >> 4) * kk);
-            wgmma_rs<T, true>(acc64(dv, nb), ak[kk], sw_desc(sF_lo + nb * 64 * 64) + (2048 >> 4) * kk);
-          }
-        wait_dkv_products(dk, dv, av, ak);
-      }
-    }
+    for (int j = g + 1; j < WG; ++j) score_tile(j);
   }
+  __syncthreads();  // every dS^T tile is stored
 
-  T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
-  T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = ua + 8 * i;
-    if (row < n) {
+  for (int i = 0; i < DT; ++i)
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        *reinterpret_cast<uint32_t*>(okp + (int64_t)row * D + col) =
-            pack2<T>(dk[dt][2 * i], dk[dt][2 * i + 1]);
-        *reinterpret_cast<uint32_t*>(ovp + (int64_t)row * D + col) =
-            pack2<T>(dv[dt][2 * i], dv[dt][2 * i + 1]);
-      }
-    }
+    for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
+  // dF_c's hi / lo slabs go over Q (and dO when WG = 1), free from here.
+  if (p.dF != nullptr) add_chunk_states_grad<T, D, WG * kThreads>(p, dk, dv, sKg, sVg, sQ, sQ + TILE, bh, m0, R, uw);
+  store_dkv<T>(p, dk, dv, bh, ua);
+
+  // dQ_g: A = dS(g, gk) [query][key] is the transpose of the stored tile; ldmatrix.trans matrix
+  // i (lanes 8 i ..) gives query rows 16 warp + 8 (i % 2) and key columns 16 kk + 8 (i / 2).
+  float dq[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#pragma unroll 1
+  for (int gk = 0; gk <= g; ++gk) {
+    const T* sSt = sS + (g * (g + 1) / 2 + gk) * 64 * 64;
+    uint32_t a[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      ldsm_x4_t(a[kk], sSt + sw<64>(16 * kk + 8 * (lane / 16) + lane % 8, 2 * warp + (lane / 8) % 2));
+    wgmma_fence();
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_rs<T, true>(acc64(dq, nb), a[kk], sw_desc(sK + gk * TILE + nb * 64 * 64) + (2048 >> 4) * kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(dq, nb));
+    fence_operands(a);
   }
+  mma::store_dq<T>(p, dq, bh, ua);
 #endif
 }
 

@@ -846,6 +846,7 @@ class AttnBackward {
     p_.scale = static_cast<float>(scale), p_.state_scale = static_cast<float>(state_scale);
     p_.simt = simt;
     p_.wgmma = !simt && (q.size(3) == 64 || q.size(3) == 128) && use_wgmma("BSBR_ATTN_WGMMA");
+    p_.dqkv = p_.wgmma && use_wgmma("BSBR_ATTN_DQKV");
     st_ = q.scalar_type();
     d_ = q.size(3);
   }

@@ -59,6 +59,14 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
       const size_t smem = (2 * mma::kBM + 4 * BN) * SD * sizeof(T) + 6 * BN * sizeof(float);
       if constexpr (D == 64 || D == 128) {
         if (p.wgmma) {
+          if (p.dqkv && p.overlap == 0 && p.chunk == 128) {
+            return launch_smem(wg::attn_dqkv_kernel<T, D, 2>, grid_rows(p, 2 * wg::kBM),
+                               2 * wg::kThreads, wg::kDqkvSmemBytes<T, D, 2>, stream, p);
+          }
+          if (p.dqkv && p.overlap == 0 && 64 % p.chunk == 0) {
+            return launch_smem(wg::attn_dqkv_kernel<T, D, 1>, grid_rows(p, wg::kBM), wg::kThreads,
+                               wg::kDqkvSmemBytes<T, D, 1>, stream, p);
+          }
           launch_smem(wg::attn_dkv_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
                       wg::kDkvSmemBytes<T, D>, stream, p);
           return launch_smem(wg::attn_dq_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,

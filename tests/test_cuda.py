@@ -37,6 +37,8 @@ CONFIGS = [
     (1, 3, 77, 16, 16),
     (2, 2, 150, 48, 20),
     (1, 2, 300, 256, 100),
+    (2, 2, 300, 128, 0),  # dQ, dK and dV in one kernel on Hopper: a CTA per chunk, a partial last
+    (1, 3, 131, 32, 0),   # and several chunks per 64-row CTA (attn_dqkv_kernel)
 ]
 
 
@@ -451,6 +453,52 @@ def test_fused_dkv_on_wgmma(dtype, d, cfg, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3], CONFIGS[7], CONFIGS[8], (1, 2, 77, 16, 0)])
+@pytest.mark.parametrize("state", ["separate", "q", "omitted"])
+def test_dqkv_on_wgmma(dtype, d, cfg, state, monkeypatch):
+    """Without overlap and with chunks of 128 or dividing 64, no query's window leaves a 128- or
+    64-row tile, and on a compute capability 9.0 GPU one kernel computes dQ, dK and dV
+    (attn_dqkv_kernel); BSBR_ATTN_DQKV=0 runs the dK/dV and dQ kernels instead. dK and dV are
+    the same products in the same order, so they must be bitwise equal; dQ reads dS from the
+    transposed products and agrees to a rounding. "omitted" is the fused op with k_state = k, whose
+    chunk-states backward the kernel adds to dk and dv."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma attention runs on compute capability 9.0 only")
+    b, h, n, chunk, w = cfg
+    ds = 24 if state == "separate" else d
+    gen = torch.Generator(device=DEV).manual_seed(29)
+    q, k, v, qs, _, mq, mk, R = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    ss = ss * 8  # make the long-range term a visible part of the output
+    if state == "omitted":
+        out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, None, None, chunk, w, scale, ms, ss)
+        bwd = lambda g: ops._bsbr_attention_bwd(g, q, k, v, mq, mk, None, None, out, lse, chunk, w, scale, ms, ss)  # noqa: E731
+    else:
+        qs = q if state == "q" else qs
+        out, lse = ops._chunk_attention_fwd(q, k, v, qs, R, chunk, w, scale, ss)
+        bwd = lambda g: ops._chunk_attention_bwd(g, q, k, v, qs, R, out, lse, chunk, w, scale, ss)  # noqa: E731
+    g = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+
+    def run():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            grads = bwd(g)
+            torch.cuda.synchronize()
+        names = [e.name.split("attn_")[1].split("_kernel")[0] for e in prof.events()
+                 if "wg::attn_" in e.name and "_kernel" in e.name]
+        return grads, names
+
+    got, names = run()
+    assert names == ["dqkv"], names
+    monkeypatch.setenv("BSBR_ATTN_DQKV", "0")
+    want, names = run()
+    assert sorted(names) == ["dkv", "dq"], names
+    assert rel_err(got[0], want[0]) < 1e-2, f"grad_q differs by {rel_err(got[0], want[0]):.3e}"
+    for i, (a, c) in enumerate(zip(got[1:], want[1:]), start=1):
+        assert torch.equal(a, c), f"gradient {i} differs from the two kernels'"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state", ["separate", "omitted"])
 def test_bsbr_attention_fused_long_rows(dtype, state):
     """C = 600 chunks: rows of the retrieval weights longer than the 512 columns that the
@@ -511,8 +559,9 @@ def test_strided_views(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-def test_backward_deterministic(dtype, d):
-    b, h, n, chunk, w = 2, 4, 1000, 128, 37
+@pytest.mark.parametrize("w", [0, 37])  # 0: attn_dqkv_kernel on Hopper
+def test_backward_deterministic(dtype, d, w):
+    b, h, n, chunk = 2, 4, 1000, 128
     ds = d // 2
     gen = torch.Generator(device=DEV).manual_seed(6)
     q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
