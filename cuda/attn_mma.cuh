@@ -540,6 +540,29 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttnParams p) {
   store_dq<T>(p, dq, bh, ra);
 }
 
+// The dK/dV kernels' epilogue: dk and dv (fp32, the accumulators' layout) into rows ua and
+// ua + 8 of p.dk and p.dv (contiguous [bh, n, D]).
+template <typename T, int DT>
+__device__ __forceinline__ void store_dkv(const AttnParams& p, const float (&dk)[DT][4],
+                                          const float (&dv)[DT][4], int bh, int ua) {
+  constexpr int D = DT * 8;
+  const int n = p.n, lane = threadIdx.x % 32;
+  T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
+  T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = ua + 8 * i;
+    if (row < n) {
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        store_pair<T>(okp, (int64_t)row * D + col, dk[dt][2 * i], dk[dt][2 * i + 1]);
+        store_pair<T>(ovp, (int64_t)row * D + col, dv[dt][2 * i], dv[dt][2 * i + 1]);
+      }
+    }
+  }
+}
+
 // Exclusive end of the queries that can see a key of chunk(u_last): the end of that chunk, or of
 // the next one when the window overlaps into the previous chunk.
 __device__ __forceinline__ int query_end(int u_last, int B, int w, int n) {
@@ -565,7 +588,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
   const int uw = m0 + warp * 16;
   const bool warp_ok = uw < n;
   const int q_end_w = warp_ok ? query_end(min(n, uw + 16) - 1, B, w, n) : 0;
-  const int ua = uw + lane / 4, ub = ua + 8;
+  const int ua = uw + lane / 4;
 
   const T* qb = head_ptr<T>(p.q, p.q_st, bi, hi);
   const T* ob = head_ptr<T>(p.dout, p.dout_st, bi, hi);
@@ -709,22 +732,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kDkvMinBlocks) attn_dkv_kern
     }
   }
 
-  T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
-  T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = i == 0 ? ua : ub;
-    if (row < n) {
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        *reinterpret_cast<uint32_t*>(okp + (int64_t)row * D + col) =
-            pack2<T>(dk[dt][2 * i], dk[dt][2 * i + 1]);
-        *reinterpret_cast<uint32_t*>(ovp + (int64_t)row * D + col) =
-            pack2<T>(dv[dt][2 * i], dv[dt][2 * i + 1]);
-      }
-    }
-  }
+  store_dkv<T>(p, dk, dv, bh, ua);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -444,30 +444,6 @@ __device__ __forceinline__ void add_chunk_states_grad(const AttnParams& p, float
 #endif
 }
 
-// dk and dv (fp32, the accumulators' layout) into rows ua and ua + 8 of p.dk and p.dv.
-template <typename T, int DT>
-__device__ __forceinline__ void store_dkv(const AttnParams& p, const float (&dk)[DT][4],
-                                          const float (&dv)[DT][4], int bh, int ua) {
-  constexpr int D = DT * 8;
-  const int n = p.n, lane = threadIdx.x % 32;
-  T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
-  T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = ua + 8 * i;
-    if (row < n) {
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        *reinterpret_cast<uint32_t*>(okp + (int64_t)row * D + col) =
-            pack2<T>(dk[dt][2 * i], dk[dt][2 * i + 1]);
-        *reinterpret_cast<uint32_t*>(ovp + (int64_t)row * D + col) =
-            pack2<T>(dv[dt][2 * i], dv[dt][2 * i + 1]);
-      }
-    }
-  }
-}
-
 // dK/dV on wgmma (one warpgroup per 64 keys; K, V fixed in swizzled tiles, Q / dO tiles of 64
 // queries in 2 stages): S^T = K Q^T and dP^T = V dO^T from shared memory, P^T and dS^T formed in
 // the accumulators, then dV += P^T dO and dK += dS^T Q with Q / dO as MN-major operands. With
@@ -572,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
     for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
   // dF_c's hi / lo slabs go to Q stages 0 and 1.
   if (p.dF != nullptr) add_chunk_states_grad<T, D, kThreads>(p, dk, dv, sK, sV, sQ, sQ + QN * D, bh, m0, kBM, uw);
-  store_dkv<T>(p, dk, dv, bh, ua);
+  mma::store_dkv<T>(p, dk, dv, bh, ua);
 #endif
 }
 
@@ -688,7 +664,7 @@ __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
     for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
   // dF_c's hi / lo slabs go over Q (and dO when WG = 1), free from here.
   if (p.dF != nullptr) add_chunk_states_grad<T, D, WG * kThreads>(p, dk, dv, sKg, sVg, sQ, sQ + TILE, bh, m0, R, uw);
-  store_dkv<T>(p, dk, dv, bh, ua);
+  mma::store_dkv<T>(p, dk, dv, bh, ua);
 
   // dQ_g: A = dS(g, gk) [query][key] is the transpose of the stored tile; ldmatrix.trans matrix
   // i (lanes 8 i ..) gives query rows 16 warp + 8 (i % 2) and key columns 16 kk + 8 (i / 2).
