@@ -587,6 +587,16 @@ bool use_wgmma(const char* off_switch) {
 #endif
 }
 
+// Whether the wgmma backward computes dQ, dK and dV in one kernel where the windows allow it
+// (wg::attn_dqkv_kernel). BSBR_ATTN_DQKV (read per call): "0" never, any other value wherever it
+// applies; unset: at d = 128 only, where it was faster than the dK/dV + dQ kernels (H100, 64k:
+// docs/cuda_notes.md, Run 20).
+bool use_dqkv(int64_t d) {
+  const char* e = std::getenv("BSBR_ATTN_DQKV");
+  if (e != nullptr) return std::strcmp(e, "0") != 0;
+  return d == 128;
+}
+
 // S = P F and dF = P^T dS (retrieval_wgmma.cuh).
 bool use_wgmma_mix() { return use_wgmma("BSBR_MIX_WGMMA"); }
 
@@ -846,7 +856,7 @@ class AttnBackward {
     p_.scale = static_cast<float>(scale), p_.state_scale = static_cast<float>(state_scale);
     p_.simt = simt;
     p_.wgmma = !simt && (q.size(3) == 64 || q.size(3) == 128) && use_wgmma("BSBR_ATTN_WGMMA");
-    p_.dqkv = p_.wgmma && use_wgmma("BSBR_ATTN_DQKV");
+    p_.dqkv = p_.wgmma && use_dqkv(q.size(3));
     st_ = q.scalar_type();
     d_ = q.size(3);
   }

@@ -60,7 +60,7 @@ struct AttnParams {
   bool simt = false;      // force the SIMT (non tensor-core) path, for cross-checking
   bool wgmma = false;     // forward, dQ, dK/dV; fp16/bf16, d = 64 / 128: Hopper kernels (attn_wgmma.cuh)
   // With wgmma: dQ, dK and dV in one kernel where the windows allow it (overlap 0, chunk 128 or
-  // a divisor of 64: wg::attn_dqkv_kernel); BSBR_ATTN_DQKV=0 keeps the two kernels.
+  // a divisor of 64: wg::attn_dqkv_kernel); chosen by use_dqkv (bsbr_cuda.cu).
   bool dqkv = false;
 };
 

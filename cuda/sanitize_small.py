@@ -1,11 +1,14 @@
 """A small forward + backward of every CUDA op, for compute-sanitizer runs."""
 import math
+import os
 
 import torch
 
 import bsbr_ext._C  # noqa: F401
 ops = torch.ops.bsbr
-# The last two (no overlap, chunks of 128 / 32) run dQ, dK and dV in one kernel on Hopper.
+# The last two (no overlap, chunks of 128 / 32) run dQ, dK and dV in one kernel on Hopper, at
+# d = 64 too (which by default runs the dK/dV and dQ kernels).
+os.environ["BSBR_ATTN_DQKV"] = "1"
 for dtype, d, n, B, w in [(torch.bfloat16, 64, 150, 48, 20), (torch.float32, 32, 77, 16, 16), (torch.float16, 128, 100, 64, 64),
                           (torch.bfloat16, 128, 300, 128, 0), (torch.float16, 64, 100, 32, 0)]:
     b, h, ds = 2, 2, d // 2

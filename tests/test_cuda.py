@@ -459,7 +459,8 @@ def test_fused_dkv_on_wgmma(dtype, d, cfg, monkeypatch):
 def test_dqkv_on_wgmma(dtype, d, cfg, state, monkeypatch):
     """Without overlap and with chunks of 128 or dividing 64, no query's window leaves a 128- or
     64-row tile, and on a compute capability 9.0 GPU one kernel computes dQ, dK and dV
-    (attn_dqkv_kernel); BSBR_ATTN_DQKV=0 runs the dK/dV and dQ kernels instead. dK and dV are
+    (attn_dqkv_kernel; by default at d = 128 only, BSBR_ATTN_DQKV=1 everywhere); BSBR_ATTN_DQKV=0
+    runs the dK/dV and dQ kernels instead. dK and dV are
     the same products in the same order, so they must be bitwise equal; dQ reads dS from the
     transposed products and agrees to a rounding. "omitted" is the fused op with k_state = k, whose
     chunk-states backward the kernel adds to dk and dv."""
@@ -488,6 +489,10 @@ def test_dqkv_on_wgmma(dtype, d, cfg, state, monkeypatch):
                  if "wg::attn_" in e.name and "_kernel" in e.name]
         return grads, names
 
+    monkeypatch.delenv("BSBR_ATTN_DQKV", raising=False)
+    _, names = run()
+    assert sorted(names) == (["dqkv"] if d == 128 else ["dkv", "dq"]), f"default at d={d}: {names}"
+    monkeypatch.setenv("BSBR_ATTN_DQKV", "1")
     got, names = run()
     assert names == ["dqkv"], names
     monkeypatch.setenv("BSBR_ATTN_DQKV", "0")
@@ -559,8 +564,9 @@ def test_strided_views(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("w", [0, 37])  # 0: attn_dqkv_kernel on Hopper
-def test_backward_deterministic(dtype, d, w):
+@pytest.mark.parametrize("w", [0, 37])  # 0: attn_dqkv_kernel on Hopper (forced at d = 64)
+def test_backward_deterministic(dtype, d, w, monkeypatch):
+    monkeypatch.setenv("BSBR_ATTN_DQKV", "1")
     b, h, n, chunk = 2, 4, 1000, 128
     ds = d // 2
     gen = torch.Generator(device=DEV).manual_seed(6)
