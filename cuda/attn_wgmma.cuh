@@ -95,16 +95,13 @@ __device__ __forceinline__ float (&acc64(float (&a)[N][4], int nb))[32] {
   return *reinterpret_cast<float(*)[32]>(&a[8 * nb][0]);
 }
 
-// acc (64 x D) += X V for the current tile, with X the 64 x kBN fp32 accumulator x (P in the
-// forward, dS in dQ) rounded to T as the register A operand, and V a swizzled [kBN][D] tile read
-// MN-major: a k step of 16 rows is two 8-row atoms (2048 bytes). Waits for the products.
+// acc (64 x D) += A V, with A the 64 x kBN register operand a (k steps of 16) and V a swizzled
+// [kBN][D] tile read MN-major: a k step of 16 rows is two 8-row atoms (2048 bytes). Waits for the
+// products.
 template <typename T, int D>
-__device__ __forceinline__ void add_regs_times_tile(float (&acc)[D / 8][4],
-                                                    const float (&x)[kBN / 8][4], const T* tile) {
+__device__ __forceinline__ void add_frags_times_tile(float (&acc)[D / 8][4],
+                                                     uint32_t (&a)[kBN / 16][4], const T* tile) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  uint32_t a[kBN / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) mma::p_fragment<T>(a[kk], x, kk);
   wgmma_fence();
 #pragma unroll
   for (int nb = 0; nb < D / 64; ++nb)
@@ -117,6 +114,17 @@ __device__ __forceinline__ void add_regs_times_tile(float (&acc)[D / 8][4],
   for (int nb = 0; nb < D / 64; ++nb) fence_operands(acc64(acc, nb));
   fence_operands(a);
 #endif
+}
+
+// acc (64 x D) += X V for the current tile, with X the 64 x kBN fp32 accumulator x (P in the
+// forward, dS in dQ) rounded to T as the register A operand (add_frags_times_tile).
+template <typename T, int D>
+__device__ __forceinline__ void add_regs_times_tile(float (&acc)[D / 8][4],
+                                                    const float (&x)[kBN / 8][4], const T* tile) {
+  uint32_t a[kBN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) mma::p_fragment<T>(a[kk], x, kk);
+  add_frags_times_tile<T, D>(acc, a, tile);
 }
 
 // s = A1 B1^T and dp = A2 B2^T (64 x 64, fp32) summed over D, for swizzled [64][D] tiles read
@@ -378,6 +386,26 @@ __device__ __forceinline__ void wait_dkv_products(float (&dk)[DT][4], float (&dv
 #endif
 }
 
+// A score tile's dK/dV products: dv += P^T dO and dk += dS^T Q, with P^T and dS^T (64 keys x 64
+// queries) as the register A operands ap / ad and the queries' swizzled [64][D] tiles sO / sQ read
+// MN-major (a k step of 16 queries is two 8-row atoms, 2048 bytes). Waits for the products.
+template <typename T, int D>
+__device__ __forceinline__ void add_dkv_products(float (&dk)[D / 8][4], float (&dv)[D / 8][4],
+                                                 uint32_t (&ap)[4][4], uint32_t (&ad)[4][4],
+                                                 const T* sO, const T* sQ) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wgmma_fence();
+#pragma unroll
+  for (int nb = 0; nb < D / 64; ++nb)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_rs<T, true>(acc64(dv, nb), ap[kk], sw_desc(sO + nb * 64 * 64) + (2048 >> 4) * kk);
+      wgmma_rs<T, true>(acc64(dk, nb), ad[kk], sw_desc(sQ + nb * 64 * 64) + (2048 >> 4) * kk);
+    }
+  wait_dkv_products(dk, dv, ap, ad);
+#endif
+}
+
 // The chunk-states backward of a CTA's keys [m0, m0 + rows), added to dk and dv before their one
 // rounding (as in mma::attn_dkv_kernel): for each chunk c the keys touch, dF_c is staged hi/lo
 // in sF_hi / sF_lo ([64][D] swizzled each), 64 of its rows at a time, and each warp adds
@@ -460,7 +488,7 @@ constexpr size_t kDkvSmemBytes = 6 * 64 * D * sizeof(T) + 6 * 64 * sizeof(float)
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int QN = 64, NT = QN / 8, DT = D / 8, NB = D / 64;
+  constexpr int QN = 64, NT = QN / 8, DT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
   T* sV = sK + kBM * D;
@@ -529,16 +557,7 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
       mma::p_fragment<T>(ap[kk], s, kk);
       mma::p_fragment<T>(ad[kk], dp, kk);
     }
-    // A k step of 16 queries is two 8-row atoms (2048 bytes) of the MN-major Q / dO tiles.
-    wgmma_fence();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int kk = 0; kk < QN / 16; ++kk) {
-        wgmma_rs<T, true>(acc64(dv, nb), ap[kk], sw_desc(sOs + nb * QN * 64) + (2048 >> 4) * kk);
-        wgmma_rs<T, true>(acc64(dk, nb), ad[kk], sw_desc(sQs + nb * QN * 64) + (2048 >> 4) * kk);
-      }
-    wait_dkv_products(dk, dv, ap, ad);
+    add_dkv_products<T, D>(dk, dv, ap, ad, sOs, sQs);
     __syncthreads();  // every read of this stage is done before it is refilled
   }
 
@@ -571,7 +590,7 @@ template <typename T, int D, int WG>
 __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
     attn_dqkv_kernel(AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int R = WG * 64, TILE = 64 * D, NT = 8, DT = D / 8, NB = D / 64;
+  constexpr int R = WG * 64, TILE = 64 * D, NT = 8, DT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));  // [WG][64][D]
   T* sV = sK + WG * TILE;
@@ -632,15 +651,7 @@ __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
         *reinterpret_cast<uint32_t*>(sSt + sw<64>(rr, cc / 8) + cc % 8) = ad[kk][i];
       }
     }
-    wgmma_fence();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        wgmma_rs<T, true>(acc64(dv, nb), ap[kk], sw_desc(sOj + nb * 64 * 64) + (2048 >> 4) * kk);
-        wgmma_rs<T, true>(acc64(dk, nb), ad[kk], sw_desc(sQj + nb * 64 * 64) + (2048 >> 4) * kk);
-      }
-    wait_dkv_products(dk, dv, ap, ad);
+    add_dkv_products<T, D>(dk, dv, ap, ad, sOj, sQj);
   };
 
   cp_async_wait<0>();
@@ -678,17 +689,7 @@ __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
       ldsm_x4_t(a[kk], sSt + sw<64>(16 * kk + 8 * (lane / 16) + lane % 8, 2 * warp + (lane / 8) % 2));
-    wgmma_fence();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        wgmma_rs<T, true>(acc64(dq, nb), a[kk], sw_desc(sK + gk * TILE + nb * 64 * 64) + (2048 >> 4) * kk);
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(dq, nb));
-    fence_operands(a);
+    add_frags_times_tile<T, D>(dq, a, sK + gk * TILE);
   }
   mma::store_dq<T>(p, dq, bh, ua);
 #endif

@@ -460,9 +460,8 @@ def test_dqkv_on_wgmma(dtype, d, cfg, state, monkeypatch):
     """Without overlap and with chunks of 128 or dividing 64, no query's window leaves a 128- or
     64-row tile, and on a compute capability 9.0 GPU one kernel computes dQ, dK and dV
     (attn_dqkv_kernel; by default at d = 128 only, BSBR_ATTN_DQKV=1 everywhere); BSBR_ATTN_DQKV=0
-    runs the dK/dV and dQ kernels instead. dK and dV are
-    the same products in the same order, so they must be bitwise equal; dQ reads dS from the
-    transposed products and agrees to a rounding. "omitted" is the fused op with k_state = k, whose
+    runs the dK/dV and dQ kernels instead. dK and dV are the same products in the same order, so
+    they must be bitwise equal; dQ reads dS from the transposed products and agrees to a rounding. "omitted" is the fused op with k_state = k, whose
     chunk-states backward the kernel adds to dk and dv."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma attention runs on compute capability 9.0 only")
