@@ -365,6 +365,8 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
   }
 
   mma::store_dq<T>(p, dq, bh, ra);
+  // Overlapping the dP product, this grid must not complete before it (bsbr_cuda.h).
+  if (p.overlap_previous && blockIdx.x == gridDim.x - 1) pdl_wait();
 #endif
 }
 

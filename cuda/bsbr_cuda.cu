@@ -86,6 +86,21 @@ bool force_simt() {
   return e != nullptr && std::strcmp(e, "1") == 0;
 }
 
+// Whether a Hopper wgmma kernel may run: the build has sm_90a code (BSBR_WGMMA:
+// TORCH_CUDA_ARCH_LIST with 9.0a, which setup.py and CMake make of 9.0), the GPU has compute
+// capability 9.0, and the environment variable `off_switch` (read per call) is not "0", which
+// keeps the mma.sync kernels, for cross-checking and A/B timing.
+bool use_wgmma(const char* off_switch) {
+#ifdef BSBR_WGMMA
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const char* e = std::getenv(off_switch);
+  return prop->major == 9 && prop->minor == 0 && !(e != nullptr && std::strcmp(e, "0") == 0);
+#else
+  (void)off_switch;
+  return false;
+#endif
+}
+
 // The tensor-core path loads 16-byte pieces of rows: base and row/head/batch strides must allow
 // that. A view that does not (rare: an odd offset into a buffer) is copied once, here.
 bool vec_aligned(const Tensor& t) {
@@ -204,11 +219,20 @@ void check_state_inputs(const Tensor& k_state, const Tensor& v, int64_t chunk_si
   check_sizes(v.size(0), v.size(1), v.size(2), chunk_size);
 }
 
+// Whether a kernel may overlap an independent kernel launched just before it (programmatic
+// dependent launch: the chunk states after the retrieval weights, the Hopper dQ after
+// dP = dS F^T), under the conditions of the wgmma kernels, whose sm_90a code has the
+// griddepcontrol instructions the overlap relies on. BSBR_PDL=0 (read per call) launches them
+// one after the other, for cross-checking and A/B timing.
+bool use_pdl() { return use_wgmma("BSBR_PDL"); }
+
 // `into`, when given, is a contiguous fp32 [b, h, C, ds, d] buffer to write (reused memory).
 // `split` stores split-bf16 words instead of fp32 (the tensor-core mixing's operand format;
-// fp16/bf16 inputs only).
+// fp16/bf16 inputs only). `after_probs`: the last launch on the stream was probs_padded's
+// tensor-core kernel, which the states kernel may then overlap (probs_padded's `overlappable`,
+// use_pdl).
 Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_scale,
-                   const Tensor& into = Tensor(), bool split = false) {
+                   const Tensor& into = Tensor(), bool split = false, bool after_probs = false) {
   const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
   const int64_t C = (n + chunk - 1) / chunk;
   Tensor out = into.defined() ? into : at::empty({b, h, C, ds, d}, y.options().dtype(at::kFloat));
@@ -219,6 +243,7 @@ Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_s
   p.out_scale = static_cast<float>(out_scale);
   p.states_split = split;
   TORCH_INTERNAL_ASSERT(!(split && p.simt), "split-word states come from the tensor-core kernel only");
+  p.overlap_previous = after_probs && !p.simt && use_pdl();
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
     run_states_fwd<decltype(t), decltype(dim)::value>(p, stream);
@@ -524,7 +549,13 @@ int64_t pad4(int64_t x) { return (x + 3) / 4 * 4; }
 
 // P = masked softmax of meta_scale * mq mk^T as [b*h, C, Cp] split-bf16 words (the tensor-core
 // mixing's operand format), Cp = C rounded up to 4; the padding columns and j >= c hold zeros.
-Tensor probs_padded(const Tensor& meta_q, const Tensor& meta_k, double meta_scale) {
+// `overlappable` (if given) tells whether the next kernel may overlap the last one launched here
+// (states_impl's after_probs): only when that is the tensor-core kernel reading the caller's
+// meta tensors, since a copy freed here could be reused by the next kernel's outputs while the
+// kernel still reads it (the caching allocator assumes stream order, which the overlap breaks).
+Tensor probs_padded(const Tensor& meta_q, const Tensor& meta_k, double meta_scale,
+                    bool* overlappable = nullptr) {
+  if (overlappable != nullptr) *overlappable = false;
   const int64_t bh = meta_q.size(0) * meta_q.size(1), C = meta_q.size(2), dm = meta_q.size(3);
   const int64_t Cp = pad4(C), rows = bh * C;
   Tensor P = at::empty({bh, C, Cp}, meta_q.options().dtype(at::kFloat));
@@ -550,6 +581,9 @@ Tensor probs_padded(const Tensor& meta_q, const Tensor& meta_k, double meta_scal
     } else {
       launch(__nv_bfloat16{});
     }
+    if (overlappable != nullptr) {
+      *overlappable = mq.is_same(meta_q) && mk.is_same(meta_k);
+    }
     return P;
   }
   // fp32 or mixed-dtype meta tensors, or a meta dim the kernel does not cover: fp32 logits
@@ -570,21 +604,6 @@ mix::MixParams mix_params(int64_t bh, int64_t C) {
   mp.bh = static_cast<int>(bh);
   mp.M = static_cast<int>(C);
   return mp;
-}
-
-// Whether a Hopper wgmma kernel may run: the build has sm_90a code (BSBR_WGMMA:
-// TORCH_CUDA_ARCH_LIST with 9.0a, which setup.py and CMake make of 9.0), the GPU has compute
-// capability 9.0, and the environment variable `off_switch` (read per call) is not "0", which
-// keeps the mma.sync kernels, for cross-checking and A/B timing.
-bool use_wgmma(const char* off_switch) {
-#ifdef BSBR_WGMMA
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const char* e = std::getenv(off_switch);
-  return prop->major == 9 && prop->minor == 0 && !(e != nullptr && std::strcmp(e, "0") == 0);
-#else
-  (void)off_switch;
-  return false;
-#endif
 }
 
 // Whether the wgmma backward computes dQ, dK and dV in one kernel where the windows allow it
@@ -891,6 +910,20 @@ class AttnBackward {
     return dR;
   }
 
+  // Where dQ is a Hopper kernel of its own, launch it now, overlapping the kernel just launched,
+  // which must neither write what dQ reads nor read dq (dP = dS F^T); finish() then skips it.
+  void dq_overlapping_previous() {
+    if (empty_ || !use_pdl()) return;
+    p_.bwd_part = 1;
+    p_.overlap_previous = true;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch(st_, d_, [&](auto t, auto dim) {
+      run_attn_bwd<decltype(t), decltype(dim)::value>(p_, stream);
+    });
+    p_.bwd_part = 2;
+    p_.overlap_previous = false;
+  }
+
   // dK/dV and dQ. dF (only where fuses_states(), k_state = k): fp32 contiguous [b, h, C, d, d]
   // chunk-state gradients that dK/dV add as v dF^T to dk and k dF to dv.
   void finish(const Tensor& dF = Tensor()) {
@@ -955,8 +988,11 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
   Tensor R;
   {  // the chunk states die before the attention allocates its output (lower peak)
     const bool tc = use_tc_mix(q, meta_q);
-    Tensor states = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/tc);
-    const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
+    // The weights first: the chunk states, which do not read them, overlap their kernel.
+    bool overlappable = false;
+    const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale, &overlappable) : Tensor();
+    Tensor states = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/tc,
+                                /*after_probs=*/overlappable);
     const Tensor planes = tc ? weight_planes(P, q.scalar_type()) : Tensor();
     R = retrieve(states, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
   }
@@ -988,17 +1024,18 @@ std::vector<HeadGroup> head_groups(int64_t b, int64_t h, int64_t state_bytes_per
 // the group's rows of the retrieval weights for the tensor-core path (overwritten here by
 // da = d(logits), from which the caller takes dmq and dmk for all groups at once), undefined for
 // the cuBLAS path (which writes dmq and dmk). dks is written unless fold_k (k_state is k: its
-// gradient is added into dk).
+// gradient is added into dk). after_probs: the caller's last launch computed P (states_impl).
 void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                      const Tensor& meta_q, const Tensor& meta_k, const Tensor& q_state,
                      const Tensor& k_state, const Tensor& out, const Tensor& lse, const Tensor& P,
                      int64_t chunk_size, int64_t chunk_overlap, double scale, double meta_scale,
                      double state_scale, const TokenGrads& g, const Tensor& dmq, const Tensor& dmk,
-                     const Tensor& dks, bool fold_k) {
+                     const Tensor& dks, bool fold_k, bool after_probs) {
   // Recompute the chunk states and the retrieval (cheap next to the attention). Two fp32 state
   // buffers in all: F (later overwritten by dF) and R (later by dR).
   // On the tensor-core path F and dR are split-bf16 words (the mixing's operand format).
-  Tensor F = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/P.defined());
+  Tensor F = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/P.defined(),
+                         after_probs);
   // The weights' planes serve both of the group's wgmma products (S = P F, dF = P^T dS).
   Tensor planes = P.defined() ? weight_planes(P, q.scalar_type()) : Tensor();
   Tensor R = retrieve(F, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
@@ -1009,6 +1046,7 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
   if (P.defined()) {
     const int64_t C = P.size(1);
     auto [dP, splits] = mix_scores(dR, F, C);  // dP = dS F^T (j < c)
+    bwd.dq_overlapping_previous();
     // dF = P^T dS, into F's buffer (dead after dP)
     mix_states(1, P, planes, dR, F, q.scalar_type());
     planes = Tensor();
@@ -1063,7 +1101,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
   // The retrieval weights, once for all groups (C x C per head: small next to the states);
   // the groups turn them into the logits' gradient.
   const bool tc = use_tc_mix(q, meta_q);
-  const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale) : Tensor();
+  bool overlappable = false;
+  const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale, &overlappable) : Tensor();
   for (const HeadGroup& hg : head_groups(b, h, C * ds * d * int64_t{sizeof(float)})) {
     const bool whole = hg.nb == b && hg.nh == h;  // one group: no views to make (host time)
     auto part = [&](const Tensor& t) {
@@ -1074,7 +1113,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
     fused_bwd_group(part(grad_out), part(q), part(k), part(v), part(meta_q), part(meta_k),
                     part(q_state), part(k_state), part(out), part(lse), Pg, chunk_size,
                     chunk_overlap, scale, meta_scale, state_scale, g, part(dmq), part(dmk),
-                    fold_k ? dks : part(dks), fold_k);
+                    fold_k ? dks : part(dks), fold_k, /*after_probs=*/overlappable);
+    overlappable = false;  // the first group's states kernel follows P's; the others do not
   }
   if (tc) {  // P now holds da (times meta_scale): dmq = da mk, dmk = da^T mq.
     const Tensor mq = meta_q.contiguous(), mk = meta_k.contiguous();

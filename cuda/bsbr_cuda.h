@@ -62,6 +62,14 @@ struct AttnParams {
   // With wgmma: dQ, dK and dV in one kernel where the windows allow it (overlap 0, chunk 128 or
   // a divisor of 64: wg::attn_dqkv_kernel); chosen by use_dqkv (bsbr_cuda.cu).
   bool dqkv = false;
+  // Attention backward: which of its kernels run_attn_bwd launches (launch.cuh), so that the
+  // fused op can issue the Hopper dQ kernel early, overlapping the dP product (bsbr_cuda.cu).
+  int bwd_part = 0;
+  // Launched to overlap the kernel just before it on the stream (programmatic dependent launch),
+  // which writes nothing this kernel reads: the chunk-states forward after the retrieval weights,
+  // the Hopper dQ kernel after dP = dS F^T. Its last CTA then waits for that kernel before
+  // exiting, so that the kernels launched after it, normally, find both complete.
+  bool overlap_previous = false;
 };
 
 template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t stream);

@@ -42,6 +42,21 @@ template <typename Kernel> inline void allow_dynamic_smem(Kernel kernel, size_t 
   done = bytes;
 }
 
+// Programmatic dependent launch (compute capability 9.0+; no-ops below it and in a grid launched
+// without cudaLaunchAttributeProgrammaticStreamSerialization). pdl_launch_dependents lets the
+// next kernel on the stream, if launched with that attribute, start before this grid ends;
+// pdl_wait blocks until the grid this one overlaps has completed and its writes are visible.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 template <typename T> __device__ __forceinline__ float to_f(T x);
 template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }

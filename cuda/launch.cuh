@@ -24,12 +24,28 @@ inline unsigned grid_chunks(const AttnParams& p) {
 
 template <typename T> constexpr bool kHasMma = !std::is_same<T, float>::value;
 
-// Launches kernel(p) with `smem` bytes of dynamic shared memory (allowed first when over 48 KiB).
+// Launches kernel(p) with `smem` bytes of dynamic shared memory (allowed first when over 48 KiB);
+// with `overlap_previous`, as a programmatic dependent launch (it may start before the kernel
+// before it on the stream ends, once that one calls pdl_launch_dependents).
 template <typename Kernel>
 inline void launch_smem(Kernel kernel, unsigned grid, int threads, size_t smem,
-                        cudaStream_t stream, const AttnParams& p) {
+                        cudaStream_t stream, const AttnParams& p, bool overlap_previous = false) {
   allow_dynamic_smem(kernel, smem);
-  kernel<<<grid, threads, smem, stream>>>(p);
+  if (overlap_previous) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  } else {
+    kernel<<<grid, threads, smem, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -52,6 +68,8 @@ template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// p.bwd_part (AttnParams) picks what this launches: 0 every kernel; 1 the Hopper dQ kernel where
+// it is a kernel of its own (else nothing); 2 whatever part 1 left.
 template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHasMma<T>) {
     if (!p.simt) {
@@ -60,25 +78,32 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
       if constexpr (D == 64 || D == 128) {
         if (p.wgmma) {
           if (p.dqkv && p.overlap == 0 && p.chunk == 128) {
+            if (p.bwd_part == 1) return;
             return launch_smem(wg::attn_dqkv_kernel<T, D, 2>, grid_rows(p, 2 * wg::kBM),
                                2 * wg::kThreads, wg::kDqkvSmemBytes<T, D, 2>, stream, p);
           }
           if (p.dqkv && p.overlap == 0 && 64 % p.chunk == 0) {
+            if (p.bwd_part == 1) return;
             return launch_smem(wg::attn_dqkv_kernel<T, D, 1>, grid_rows(p, wg::kBM), wg::kThreads,
                                wg::kDqkvSmemBytes<T, D, 1>, stream, p);
           }
-          launch_smem(wg::attn_dkv_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
-                      wg::kDkvSmemBytes<T, D>, stream, p);
+          if (p.bwd_part != 1) {
+            launch_smem(wg::attn_dkv_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
+                        wg::kDkvSmemBytes<T, D>, stream, p);
+          }
+          if (p.bwd_part == 2) return;
           return launch_smem(wg::attn_dq_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
-                             wg::kDqSmemBytes<T, D>, stream, p);
+                             wg::kDqSmemBytes<T, D>, stream, p, p.overlap_previous);
         }
       }
+      if (p.bwd_part == 1) return;
       launch_smem(mma::attn_dkv_kernel<T, D>, grid_rows(p, mma::kBM), mma::kThreads, smem, stream,
                   p);
       return launch_smem(mma::attn_dq_kernel<T, D>, grid_rows(p, mma::kBM), mma::kThreads, smem,
                          stream, p);
     }
   }
+  if (p.bwd_part == 1) return;
   TORCH_INTERNAL_ASSERT(p.dF == nullptr, "the chunk-states backward fuses into the tensor-core dK/dV only");
   simt::attn_dkv_kernel<T, D><<<grid_rows(p, simt::kBM), simt::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -91,7 +116,7 @@ template <typename T, int D> void run_states_fwd(const AttnParams& p, cudaStream
   if constexpr (kHasMma<T>) {
     if (!p.simt) {
       return launch_smem(mma::states_fwd_kernel<T, D>, grid_chunks(p), mma::kStatesThreads<D>,
-                         mma::kStatesSmemBytes<T, D>, stream, p);
+                         mma::kStatesSmemBytes<T, D>, stream, p, p.overlap_previous);
     }
   }
   aux::states_fwd_kernel<T, D><<<grid_chunks(p), aux::kThreads, 0, stream>>>(p);

@@ -82,6 +82,9 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
   const T* qb = mq + bh * C * dm;
   const T* kb = mk + bh * C * dm;
   uint32_t* Pw = reinterpret_cast<uint32_t*>(P) + bh * C * ldp;
+  // The fused op launches the chunk-states kernel next, which does not read P, to overlap this
+  // latency-bound kernel (one CTA per SM at 64k) from its start.
+  pdl_launch_dependents();
 
   // j < c <= r0 + 63 < r0 + BN: sub-tiles j0 = 0, BN, ..., r0, in load tiles of BL rows. The
   // pipeline runs through them twice (pass 1, then pass 2), so pass 2's first tile loads while

@@ -302,6 +302,9 @@ static __global__ void __launch_bounds__(kTThreads, 2) scores_wgmma_kernel(const
   const int kb = xb / kSKW, ke = cdiv(xe, kSKW);
   const float* dS = p.dS + (int64_t)bh * p.C * p.X;
   const float* F = p.F + (int64_t)bh * p.C * p.X;
+  // The fused op launches the dQ kernel next, which reads nothing this writes, to run beside
+  // this barrier-bound kernel (bsbr_cuda.cu).
+  pdl_launch_dependents();
 
   // Per thread and stage: 4 pieces of the A tile and 4 of the B tile (rows 32 apart).
   const int r_ld = threadIdx.x / 8, c_ld = threadIdx.x % 8;

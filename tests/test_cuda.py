@@ -579,6 +579,53 @@ def test_backward_deterministic(dtype, d, w, monkeypatch):
             assert torch.equal(a, c), "backward is not bitwise deterministic"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("meta_contiguous", [True, False])
+def test_states_overlap_retrieval_weights(dtype, meta_contiguous, monkeypatch):
+    """The chunk-states kernel overlaps the retrieval-weights kernel launched before it
+    (programmatic dependent launch on compute capability 9.0+; BSBR_PDL=0 launches it after):
+    forward and gradients are bitwise those of the serial launches, eagerly and replayed from a
+    CUDA graph. Meta tensors that are not contiguous are copied first, and the states kernel must
+    then not overlap (the copies are freed before it runs); that case must agree as well."""
+    b, h, n, d, chunk, w, dm = 1, 4, 16384 + 77, 64, 128, 0, 64
+    gen = torch.Generator(device=DEV).manual_seed(31)
+    C = (n + chunk - 1) // chunk
+    q, k, v, g = (token(b, h, n, d, dtype, gen) for _ in range(4))
+    if meta_contiguous:
+        mq, mk = (torch.randn(b, h, C, dm, generator=gen, device=DEV).to(dtype) for _ in range(2))
+    else:
+        mq, mk = (torch.randn(b, C, h, dm, generator=gen, device=DEV).to(dtype).transpose(1, 2) for _ in range(2))
+    scale, ms, ss = scales(d, dm, d, chunk)
+    args = (chunk, w, scale, ms, ss)
+
+    def run(q, k, v, mq, mk, g):
+        out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, None, None, *args)
+        return (out, lse) + tuple(ops._bsbr_attention_bwd(g, q, k, v, mq, mk, None, None, out, lse, *args)[:5])
+
+    inputs = (q, k, v, mq, mk, g)
+    monkeypatch.setenv("BSBR_PDL", "0")
+    serial = run(*inputs)
+    monkeypatch.delenv("BSBR_PDL")
+    names = ("out", "lse") + tuple(FUSED_GRADS[:5])
+    for _ in range(3):
+        for name, a, c in zip(names, serial, run(*inputs)):
+            assert torch.equal(a, c), f"{name} differs when the states kernel overlaps the weights'"
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(*inputs)  # warm-up off the capture (allocator pools, kernel attributes)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(*inputs)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, a, c in zip(names, serial, captured):
+            assert torch.equal(a, c), f"{name} differs when replayed from a CUDA graph"
+
+
 def test_tensors_over_2_31_elements():
     """64-bit offsets: q, k, v with more than 2^31 elements (b = 1, h = 2^15 + 1, n = 1024,
     d = 64, bf16; about 45 GiB at the peak). Every element of the last head lies past 2^31; its
