@@ -1,7 +1,8 @@
 """Do the overlapped launches overlap? (docs/cuda_notes.md, "Independent kernels overlapped on the
 one stream"). Three fused forward+backward calls at 64k, bf16, b=1, h=16, chunk 128, d = 64 and
 128, under the torch profiler, with BSBR_PDL=0 and by default: for each adjacent pair of kernels
-(retrieval weights -> chunk states, dP -> dQ), how long the first ran past the second's start,
+(retrieval weights -> chunk states, dP -> dQ, meta gradients -> the last group's dK/dV or
+dQ/dK/dV), how long the first ran past the second's start,
 and the sum of kernel times against the span from the first start to the last end.
 Run from the repository root after an in-place build: PYTHONPATH=python python3 benchmarks/pdl_overlap.py
 """
@@ -29,7 +30,8 @@ for d in (64, 128):
             torch.cuda.synchronize()
         ev = sorted([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA],
                     key=lambda e: e.time_range.start)
-        pairs = {"meta_probs->states_fwd": 0, "scores->attn_dq": 0}
+        pairs = {"meta_probs->states_fwd": 0, "scores->attn_dq": 0, "meta_grads->attn_dkv": 0,
+                 "meta_grads->attn_dqkv": 0}
         ov = {k_: 0.0 for k_ in pairs}
         for x, y in zip(ev, ev[1:]):
             for key in pairs:

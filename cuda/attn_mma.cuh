@@ -857,9 +857,7 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
   for (int i = 0; i < MTW; ++i) {
     store_state_rows<D>(F, acc[i], warp + WARPS * i, 0, ds, p.out_scale, p.states_split);
   }
-  // Overlapping the retrieval-weights kernel, this grid must not complete before it (bsbr_cuda.h).
-  // One CTA waiting is enough; the one dispatched last waits least.
-  if (p.overlap_previous && blockIdx.x == gridDim.x - 1) pdl_wait();
+  wait_overlapped_kernel(p);
 }
 
 // ---------------------------------------------------------------------------------------------

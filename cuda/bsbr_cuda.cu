@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <limits>
 #include <tuple>
@@ -925,15 +926,19 @@ class AttnBackward {
   }
 
   // dK/dV and dQ. dF (only where fuses_states(), k_state = k): fp32 contiguous [b, h, C, d, d]
-  // chunk-state gradients that dK/dV add as v dF^T to dk and k dF to dv.
-  void finish(const Tensor& dF = Tensor()) {
+  // chunk-state gradients that dK/dV add as v dF^T to dk and k dF to dv. overlap_previous: the
+  // kernel just launched neither writes what these read nor reads what they write, so the first
+  // Hopper kernel may overlap it.
+  void finish(const Tensor& dF = Tensor(), bool overlap_previous = false) {
     if (empty_) return;
     TORCH_INTERNAL_ASSERT(!dF.defined() || (fuses_states() && dF.is_contiguous()));
     p_.dF = dF.defined() ? dF.data_ptr<float>() : nullptr;
+    p_.overlap_previous = overlap_previous && use_pdl();
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(st_, d_, [&](auto t, auto dim) {
       run_attn_bwd<decltype(t), decltype(dim)::value>(p_, stream);
     });
+    p_.overlap_previous = false;
   }
 
  private:
@@ -1025,12 +1030,15 @@ std::vector<HeadGroup> head_groups(int64_t b, int64_t h, int64_t state_bytes_per
 // da = d(logits), from which the caller takes dmq and dmk for all groups at once), undefined for
 // the cuBLAS path (which writes dmq and dmk). dks is written unless fold_k (k_state is k: its
 // gradient is added into dk). after_probs: the caller's last launch computed P (states_impl).
+// before_dkv (tensor-core path, may be empty) runs once the group's da is final, before dK/dV,
+// and returns whether dK/dV may overlap the kernel it launched last (AttnBackward::finish).
 void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                      const Tensor& meta_q, const Tensor& meta_k, const Tensor& q_state,
                      const Tensor& k_state, const Tensor& out, const Tensor& lse, const Tensor& P,
                      int64_t chunk_size, int64_t chunk_overlap, double scale, double meta_scale,
                      double state_scale, const TokenGrads& g, const Tensor& dmq, const Tensor& dmk,
-                     const Tensor& dks, bool fold_k, bool after_probs) {
+                     const Tensor& dks, bool fold_k, bool after_probs,
+                     const std::function<bool()>& before_dkv) {
   // Recompute the chunk states and the retrieval (cheap next to the attention). Two fp32 state
   // buffers in all: F (later overwritten by dF) and R (later by dR).
   // On the tensor-core path F and dR are split-bf16 words (the mixing's operand format).
@@ -1043,6 +1051,7 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
                    state_scale, g);
   Tensor dR = bwd.preprocess(/*dR_into_S=*/true, /*dR_split=*/P.defined());
   R = Tensor();
+  bool overlap_dkv = false;
   if (P.defined()) {
     const int64_t C = P.size(1);
     auto [dP, splits] = mix_scores(dR, F, C);  // dP = dS F^T (j < c)
@@ -1058,6 +1067,7 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
         P.data_ptr<float>(), dP.data_ptr<float>(), P.data_ptr<float>(), rows, static_cast<int>(C),
         static_cast<int>(Cp), splits, rows * Cp, static_cast<float>(meta_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (before_dkv) overlap_dkv = before_dkv();
   } else {
     auto [gmq, gmk, dF] = block_retrieval_bwd(dR, meta_q, meta_k, F, meta_scale);
     dmq.copy_(gmq);
@@ -1067,9 +1077,9 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
   // The chunk-states backward: dv += k_state dF (fp32 sum, one rounding); dks = v dF^T, or
   // dk += v dF^T. With k_state = k the tensor-core dK/dV does it from the k and v it holds.
   if (fold_k && bwd.fuses_states()) {
-    bwd.finish(F);
+    bwd.finish(F, overlap_dkv);
   } else {
-    bwd.finish();
+    bwd.finish(Tensor(), overlap_dkv);
     states_bwd_into(F, k_state, v, chunk_size, fold_k ? g.dk : dks, fold_k, g.dv, true);
   }
 }
@@ -1103,20 +1113,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
   const bool tc = use_tc_mix(q, meta_q);
   bool overlappable = false;
   const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale, &overlappable) : Tensor();
-  for (const HeadGroup& hg : head_groups(b, h, C * ds * d * int64_t{sizeof(float)})) {
-    const bool whole = hg.nb == b && hg.nh == h;  // one group: no views to make (host time)
-    auto part = [&](const Tensor& t) {
-      return whole ? t : t.narrow(0, hg.b0, hg.nb).narrow(1, hg.h0, hg.nh);
-    };
-    const TokenGrads g{part(dq), part(dk), part(dv), fold_q ? dqs : part(dqs), fold_q};
-    const Tensor Pg = tc && !whole ? P.narrow(0, hg.b0 * h + hg.h0, hg.nb * hg.nh) : P;
-    fused_bwd_group(part(grad_out), part(q), part(k), part(v), part(meta_q), part(meta_k),
-                    part(q_state), part(k_state), part(out), part(lse), Pg, chunk_size,
-                    chunk_overlap, scale, meta_scale, state_scale, g, part(dmq), part(dmk),
-                    fold_k ? dks : part(dks), fold_k, /*after_probs=*/overlappable);
-    overlappable = false;  // the first group's states kernel follows P's; the others do not
-  }
-  if (tc) {  // P now holds da (times meta_scale): dmq = da mk, dmk = da^T mq.
+  // P, once every group has turned it into da (times meta_scale): dmq = da mk, dmk = da^T mq.
+  // The last group launches it before its dK/dV, which then overlaps it.
+  auto meta_grads = [&]() {
     const Tensor mq = meta_q.contiguous(), mk = meta_k.contiguous();
     TORCH_INTERNAL_ASSERT(mk.scalar_type() == mq.scalar_type());
     dispatch_meta(mq.scalar_type(), [&](auto tag) {
@@ -1128,6 +1127,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
                                 reinterpret_cast<T*>(dmk.data_ptr()), b * h, static_cast<int>(C),
                                 static_cast<int>(mq.size(3)), at::cuda::getCurrentCUDAStream());
     });
+    return true;
+  };
+  const std::vector<HeadGroup> groups = head_groups(b, h, C * ds * d * int64_t{sizeof(float)});
+  for (const HeadGroup& hg : groups) {
+    const bool whole = hg.nb == b && hg.nh == h;  // one group: no views to make (host time)
+    auto part = [&](const Tensor& t) {
+      return whole ? t : t.narrow(0, hg.b0, hg.nb).narrow(1, hg.h0, hg.nh);
+    };
+    const TokenGrads g{part(dq), part(dk), part(dv), fold_q ? dqs : part(dqs), fold_q};
+    const Tensor Pg = tc && !whole ? P.narrow(0, hg.b0 * h + hg.h0, hg.nb * hg.nh) : P;
+    fused_bwd_group(part(grad_out), part(q), part(k), part(v), part(meta_q), part(meta_k),
+                    part(q_state), part(k_state), part(out), part(lse), Pg, chunk_size,
+                    chunk_overlap, scale, meta_scale, state_scale, g, part(dmq), part(dmk),
+                    fold_k ? dks : part(dks), fold_k, /*after_probs=*/overlappable,
+                    tc && &hg == &groups.back() ? std::function<bool()>(meta_grads) : nullptr);
+    overlappable = false;  // the first group's states kernel follows P's; the others do not
   }
   return {dq, dk, dv, dmq, dmk, dqs, dks};
 }

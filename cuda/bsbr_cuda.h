@@ -66,9 +66,10 @@ struct AttnParams {
   // fused op can issue the Hopper dQ kernel early, overlapping the dP product (bsbr_cuda.cu).
   int bwd_part = 0;
   // Launched to overlap the kernel just before it on the stream (programmatic dependent launch),
-  // which writes nothing this kernel reads: the chunk-states forward after the retrieval weights,
-  // the Hopper dQ kernel after dP = dS F^T. Its last CTA then waits for that kernel before
-  // exiting, so that the kernels launched after it, normally, find both complete.
+  // which writes nothing this kernel reads and reads nothing it writes: the chunk-states forward
+  // after the retrieval weights, the Hopper dQ kernel after dP = dS F^T, the last head group's
+  // Hopper dK/dV (or dQ/dK/dV) kernel after the meta gradients. Its last CTA then waits for that
+  // kernel before exiting, so that the kernels launched after it, normally, find both complete.
   bool overlap_previous = false;
 };
 

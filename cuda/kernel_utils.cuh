@@ -57,6 +57,13 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// The end of a kernel that may be launched to overlap the one before it (p.overlap_previous,
+// bsbr_cuda.h): the grid must not complete before that kernel does, so its last CTA (the one
+// dispatched last, which waits least) waits for it.
+__device__ __forceinline__ void wait_overlapped_kernel(const AttnParams& p) {
+  if (p.overlap_previous && blockIdx.x == gridDim.x - 1) pdl_wait();
+}
+
 template <typename T> __device__ __forceinline__ float to_f(T x);
 template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }

@@ -69,7 +69,8 @@ template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t
 }
 
 // p.bwd_part (AttnParams) picks what this launches: 0 every kernel; 1 the Hopper dQ kernel where
-// it is a kernel of its own (else nothing); 2 whatever part 1 left.
+// it is a kernel of its own (else nothing); 2 whatever part 1 left. With p.overlap_previous the
+// first Hopper kernel launched overlaps the kernel before it.
 template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHasMma<T>) {
     if (!p.simt) {
@@ -80,20 +81,22 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
           if (p.dqkv && p.overlap == 0 && p.chunk == 128) {
             if (p.bwd_part == 1) return;
             return launch_smem(wg::attn_dqkv_kernel<T, D, 2>, grid_rows(p, 2 * wg::kBM),
-                               2 * wg::kThreads, wg::kDqkvSmemBytes<T, D, 2>, stream, p);
+                               2 * wg::kThreads, wg::kDqkvSmemBytes<T, D, 2>, stream, p,
+                               p.overlap_previous);
           }
           if (p.dqkv && p.overlap == 0 && 64 % p.chunk == 0) {
             if (p.bwd_part == 1) return;
             return launch_smem(wg::attn_dqkv_kernel<T, D, 1>, grid_rows(p, wg::kBM), wg::kThreads,
-                               wg::kDqkvSmemBytes<T, D, 1>, stream, p);
+                               wg::kDqkvSmemBytes<T, D, 1>, stream, p, p.overlap_previous);
           }
           if (p.bwd_part != 1) {
             launch_smem(wg::attn_dkv_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
-                        wg::kDkvSmemBytes<T, D>, stream, p);
+                        wg::kDkvSmemBytes<T, D>, stream, p, p.overlap_previous);
           }
           if (p.bwd_part == 2) return;
           return launch_smem(wg::attn_dq_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
-                             wg::kDqSmemBytes<T, D>, stream, p, p.overlap_previous);
+                             wg::kDqSmemBytes<T, D>, stream, p,
+                             p.overlap_previous && p.bwd_part == 1);
         }
       }
       if (p.bwd_part == 1) return;

@@ -283,6 +283,9 @@ __global__ void __launch_bounds__(meta_grads::kThreads) meta_grads_kernel(
   T* out = (grad_k ? dmk : dmq) + bh * C * dm;
   // dmq rows c need j < c <= m0 + kBM - 1; dmk rows j need c > j >= m0.
   const int k_begin = grad_k ? m0 : 0, k_end = grad_k ? C : min(C, m0 + kBM);
+  // The fused op launches the last head group's dK/dV next, which reads nothing this writes, to
+  // run beside this latency-bound kernel.
+  pdl_launch_dependents();
 
   const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;  // rows 2tr, 2tr+1; cols tc + 16i
   float acc[2][4] = {};

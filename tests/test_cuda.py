@@ -581,15 +581,19 @@ def test_backward_deterministic(dtype, d, w, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("meta_contiguous", [True, False])
-def test_states_overlap_retrieval_weights(dtype, meta_contiguous, monkeypatch):
-    """The chunk-states kernel overlaps the retrieval-weights kernel launched before it
-    (programmatic dependent launch on compute capability 9.0+; BSBR_PDL=0 launches it after):
-    forward and gradients are bitwise those of the serial launches, eagerly and replayed from a
-    CUDA graph. Meta tensors that are not contiguous are copied first, and the states kernel must
-    then not overlap (the copies are freed before it runs); that case must agree as well."""
+@pytest.mark.parametrize("groups", [1, 2])
+def test_overlapped_launches(dtype, meta_contiguous, groups, monkeypatch):
+    """Independent kernels overlap on Hopper (programmatic dependent launch; BSBR_PDL=0 launches
+    them one after the other): the chunk states beside the retrieval weights, dQ beside dP, the
+    last head group's dK/dV beside the meta gradients. Forward and gradients are bitwise those
+    of the serial launches, eagerly and replayed from a CUDA graph, with one head group or two.
+    Meta tensors that are not contiguous are copied first, and the states kernel must then not
+    overlap (the copies are freed before it runs); that case must agree as well."""
     b, h, n, d, chunk, w, dm = 1, 4, 16384 + 77, 64, 128, 0, 64
     gen = torch.Generator(device=DEV).manual_seed(31)
     C = (n + chunk - 1) // chunk
+    if groups > 1:  # the backward's head groups: a budget of F for h / groups heads
+        monkeypatch.setenv("BSBR_GROUP_STATE_BYTES", str(h // groups * C * d * d * 4))
     q, k, v, g = (token(b, h, n, d, dtype, gen) for _ in range(4))
     if meta_contiguous:
         mq, mk = (torch.randn(b, h, C, dm, generator=gen, device=DEV).to(dtype) for _ in range(2))
