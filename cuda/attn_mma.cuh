@@ -191,19 +191,12 @@ __device__ __forceinline__ void store_rows(const AttnParams& p, const float (&o)
                                            int ra) {
   constexpr int D = 8 * DT;
   const int n = p.n, lane = threadIdx.x % 32;
-  T* ob = static_cast<T*>(p.o) + (int64_t)bh * n * D;
+  store_frag<T>(static_cast<T*>(p.o) + (int64_t)bh * n * D, o, D, ra, n, D);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = ra + 8 * i;
-    if (row < n) {
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        store_pair<T>(ob, (int64_t)row * D + col, o[dt][2 * i], o[dt][2 * i + 1]);
-      }
-      if (lane % 4 == 0)
-        p.lse[(int64_t)bh * n + row] = l_r[i] > 0.f ? (m_r[i] + log2f(l_r[i])) * kLn2 : -INFINITY;
-    }
+    if (row < n && lane % 4 == 0)
+      p.lse[(int64_t)bh * n + row] = l_r[i] > 0.f ? (m_r[i] + log2f(l_r[i])) * kLn2 : -INFINITY;
   }
 }
 
@@ -281,24 +274,14 @@ __device__ __forceinline__ void dst_tile(float (&s)[NT][4], float (&dp)[NT][4], 
 template <typename T, int DT>
 __device__ __forceinline__ void store_dq(const AttnParams& p, float (&dq)[DT][4], int bh, int ra) {
   constexpr int D = DT * 8;
-  const int n = p.n, lane = threadIdx.x % 32;
+  const int n = p.n;
   T* ob = static_cast<T*>(p.dq) + (int64_t)bh * n * D;
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[dt][e] *= p.scale;
   if (p.dq_accumulate) add_existing<T, DT>(dq, ob, D, ra, n, D);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = ra + 8 * i;
-    if (row < n) {
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        store_pair<T>(ob, (int64_t)row * D + col, dq[dt][2 * i], dq[dt][2 * i + 1]);
-      }
-    }
-  }
+  store_frag<T>(ob, dq, D, ra, n, D);
 }
 
 // The A fragment (mma.sync layout) of rows ra, ra + 8 and columns [k0, k0 + 16) of a [n, ds]
@@ -546,21 +529,9 @@ template <typename T, int DT>
 __device__ __forceinline__ void store_dkv(const AttnParams& p, const float (&dk)[DT][4],
                                           const float (&dv)[DT][4], int bh, int ua) {
   constexpr int D = DT * 8;
-  const int n = p.n, lane = threadIdx.x % 32;
-  T* okp = static_cast<T*>(p.dk) + (int64_t)bh * n * D;
-  T* ovp = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = ua + 8 * i;
-    if (row < n) {
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        store_pair<T>(okp, (int64_t)row * D + col, dk[dt][2 * i], dk[dt][2 * i + 1]);
-        store_pair<T>(ovp, (int64_t)row * D + col, dv[dt][2 * i], dv[dt][2 * i + 1]);
-      }
-    }
-  }
+  const int n = p.n;
+  store_frag<T>(static_cast<T*>(p.dk) + (int64_t)bh * n * D, dk, D, ua, n, D);
+  store_frag<T>(static_cast<T*>(p.dv) + (int64_t)bh * n * D, dv, D, ua, n, D);
 }
 
 // Exclusive end of the queries that can see a key of chunk(u_last): the end of that chunk, or of
@@ -1023,17 +994,7 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
   }
   T* dx = static_cast<T*>(p.dqs) + (int64_t)bh * n * ds;
   if (!kPrep && p.dqs_accumulate) add_existing<T, DT>(ax, dx, ds, ra, t1, ds);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = i == 0 ? ra : rb;
-#pragma unroll
-    for (int nt = 0; nt < DT; ++nt) {
-      const int col = nt * 8 + (lane % 4) * 2;
-      if (row < t1 && col < ds) {
-        store_pair<T>(dx, (int64_t)row * ds + col, ax[nt][2 * i], ax[nt][2 * i + 1]);
-      }
-    }
-  }
+  store_frag<T>(dx, ax, ds, ra, t1, ds);
 
   if constexpr (kPrep) {
     // delta = dO.out - qs.dqs, with qs in the A-fragment layout, whose k-step kk holds the
@@ -1089,17 +1050,7 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
     }
     T* dy = static_cast<T*>(p.dv) + (int64_t)bh * n * D;
     if (p.dv_accumulate) add_existing<T, DT>(ay, dy, D, ra, t1, D);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int row = i == 0 ? ra : rb;
-      if (row < t1) {
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          const int col = dt * 8 + (lane % 4) * 2;
-          store_pair<T>(dy, (int64_t)row * D + col, ay[dt][2 * i], ay[dt][2 * i + 1]);
-        }
-      }
-    }
+    store_frag<T>(dy, ay, D, ra, t1, D);
   }
 }
 

@@ -133,6 +133,26 @@ __device__ __forceinline__ void add_existing(float (&acc)[NT][4], const T* src, 
     }
 }
 
+// Stores an mma accumulator fragment, rounded to T, into a [rows, ld] output, in add_existing's
+// layout: acc[t][0..1] at row ra, acc[t][2..3] at row ra + 8, cols t * 8 + 2 * (lane % 4) (+1);
+// rows >= row_end and cols >= col_end are left alone.
+template <typename T, int NT>
+__device__ __forceinline__ void store_frag(T* dst, const float (&acc)[NT][4], int64_t ld, int ra,
+                                           int row_end, int col_end) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = ra + 8 * i;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const int col = t * 8 + (lane % 4) * 2;
+      if (row < row_end && col < col_end) {
+        store_pair<T>(dst, (int64_t)row * ld + col, acc[t][2 * i], acc[t][2 * i + 1]);
+      }
+    }
+  }
+}
+
 // Split-bf16 words. An fp32 value x is kept as hi = bf16(x) (low 16 bits) and lo = bf16(x - hi)
 // (high 16 bits) in one 32-bit word, so a buffer of fp32 size holds it element for element. hi + lo
 // carries ~16 significant bits with fp32's exponent range. The producers of the retrieval's mixing
