@@ -179,17 +179,21 @@ void check_sizes(int64_t b, int64_t h, int64_t n, int64_t chunk) {
 }
 
 // The fused backward runs its state pipeline (chunk states, retrieval and their gradients) on
-// groups of heads whose fp32 state buffer stays under a budget of 24 MiB, writing into views of
-// the full gradients: the peak then holds two group-sized state buffers (F and R, later dF and
-// dR) instead of two full-size ones. Small problems are one group. The split-K partial sums of
-// dP stay under half of the budget. BSBR_GROUP_STATE_BYTES overrides it (tests use it to run
-// many groups at small sizes). The default is the largest tried that keeps 64k tokens, d = 64,
-// 16 heads under 600 MiB of peak extra memory (H200, 2026-11-29: 16 MiB, eight groups,
-// 574 MiB and 3.38-3.40 ms forward+backward; 24 MiB, six groups, 595 MiB and 3.17 ms; 32 MiB,
-// four groups, 615 MiB and 3.01 ms).
-int64_t group_state_bytes() {
+// groups of heads whose fp32 state buffer stays under a budget, writing into views of the full
+// gradients: the peak then holds two group-sized state buffers (F and R, later dF and dR)
+// instead of two full-size ones. Small problems are one group. The split-K partial sums of dP
+// stay under half of the budget. The budget is 24 MiB, or the states of 1536 (head, chunk)
+// pairs (three heads of 64k tokens at chunk 128) where those are larger: 24 MiB keeps 64k
+// tokens, d = 64, 16 heads under 600 MiB of peak extra memory (H200, 2026-11-29: 16 MiB, eight
+// groups, 574 MiB and 3.38-3.40 ms forward+backward; 24 MiB, six groups, 595 MiB and 3.17 ms;
+// 32 MiB, four groups, 615 MiB and 3.01 ms), and at larger states a group of fewer heads leaves
+// each kernel a grid too small for the GPU (d = 128: Run 22 of docs/cuda_notes.md).
+// BSBR_GROUP_STATE_BYTES overrides it (tests use it to run many groups at small sizes).
+// `state_size` is the elements of one chunk state, ds * d.
+int64_t group_state_bytes(int64_t state_size) {
   const char* e = std::getenv("BSBR_GROUP_STATE_BYTES");
-  return e != nullptr ? std::max<int64_t>(1, std::atoll(e)) : int64_t{24} << 20;
+  if (e != nullptr) return std::max<int64_t>(1, std::atoll(e));
+  return std::max<int64_t>(int64_t{24} << 20, 1536 * state_size * int64_t{sizeof(float)});
 }
 
 // ------------------------------------------------------------------ chunk states
@@ -620,6 +624,17 @@ bool use_dqkv(int64_t d) {
 // S = P F and dF = P^T dS (retrieval_wgmma.cuh).
 bool use_wgmma_mix() { return use_wgmma("BSBR_MIX_WGMMA"); }
 
+// Whether the wgmma mixing of `tiles` CTAs (`per_sm` per SM) takes the grouped CTA order
+// (MixTParams::group_x): where the launch is 4 waves or more, the tail is a small part, and at
+// d = 128 the x-fastest order reads W about 1.5 times from DRAM; in fewer waves, starting every
+// heaviest tile first gives the shorter tail (H100: docs/cuda_notes.md, Run 22).
+// BSBR_MIX_GROUP_X (read per call): "0" never, any other value always.
+bool mix_group_x(int64_t tiles, int per_sm) {
+  const char* e = std::getenv("BSBR_MIX_GROUP_X");
+  if (e != nullptr) return std::strcmp(e, "0") != 0;
+  return tiles >= 4 * per_sm * int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
+}
+
 // P's split words [rows][Cp] -> its hi and lo halves as bf16 planes [rows][ldp] (ldp >= Cp, a
 // multiple of 8 so that every row starts 16-byte aligned), zero in columns [Cp, ldp).
 __global__ void p_planes_kernel(const uint32_t* __restrict__ P, __nv_bfloat16* __restrict__ hi,
@@ -693,6 +708,8 @@ void mix_states(int mode, const Tensor& P, const Tensor& planes, const Tensor& F
     mp.O = out.data_ptr<float>();
     mp.C = static_cast<int>(C), mp.X = static_cast<int>(X);
     mp.ldp = static_cast<int>(planes.size(2)), mp.bh = static_cast<int>(bh);
+    mp.group_x = mix_group_x((X + mix::kTX - 1) / mix::kTX * ((C + mix::kTC - 1) / mix::kTC) * bh,
+                             p_hi_only ? 2 : 1);
     dispatch_mode([&](auto mode_tag, auto a_lo_tag) {
       mix::launch_mix_t_wgmma<decltype(mode_tag)::value, decltype(a_lo_tag)::value>(mp, stream);
     });
@@ -739,7 +756,7 @@ std::pair<Tensor, int> mix_scores(const Tensor& dS, const Tensor& F, int64_t C) 
   const int64_t split_bytes = bh * C * Cp * int64_t{sizeof(float)};
   int64_t splits = std::min<int64_t>(std::max<int64_t>(X / 256, 1),
                                      std::max<int64_t>(1, (target + active - 1) / active));
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, group_state_bytes() / 2 / split_bytes));
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, group_state_bytes(X) / 2 / split_bytes));
   static_assert(mix::kSKW == mix::kBK, "both kernels split x in multiples of their stage");
   int64_t k_split = (X + splits - 1) / splits;
   k_split = (k_split + mix::kBK - 1) / mix::kBK * mix::kBK;
@@ -1011,15 +1028,21 @@ struct HeadGroup {
   int64_t b0, nb, h0, nh;
 };
 
-std::vector<HeadGroup> head_groups(int64_t b, int64_t h, int64_t state_bytes_per_head) {
-  const int64_t per = std::max<int64_t>(1, group_state_bytes() / std::max<int64_t>(1, state_bytes_per_head));
+std::vector<HeadGroup> head_groups(int64_t b, int64_t h, int64_t C, int64_t state_size) {
+  const int64_t per_head = std::max<int64_t>(1, C * state_size * int64_t{sizeof(float)});
+  const int64_t per = std::max<int64_t>(1, group_state_bytes(state_size) / per_head);
+  // As many groups as the budget needs, of sizes that differ by at most one: a last group of
+  // a few heads would leave its kernels a fraction of the GPU.
   std::vector<HeadGroup> groups;
+  auto split = [](int64_t total, int64_t most, auto&& add) {
+    const int64_t count = (total + most - 1) / most;
+    for (int64_t i = 0; i < count; ++i) add(i * total / count, (i + 1) * total / count);
+  };
   if (per >= h) {
-    const int64_t nb = per / h;
-    for (int64_t b0 = 0; b0 < b; b0 += nb) groups.push_back({b0, std::min(nb, b - b0), 0, h});
+    split(b, per / h, [&](int64_t b0, int64_t b1) { groups.push_back({b0, b1 - b0, 0, h}); });
   } else {
     for (int64_t b0 = 0; b0 < b; ++b0) {
-      for (int64_t h0 = 0; h0 < h; h0 += per) groups.push_back({b0, 1, h0, std::min(per, h - h0)});
+      split(h, per, [&](int64_t h0, int64_t h1) { groups.push_back({b0, 1, h0, h1 - h0}); });
     }
   }
   return groups;
@@ -1129,7 +1152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
     });
     return true;
   };
-  const std::vector<HeadGroup> groups = head_groups(b, h, C * ds * d * int64_t{sizeof(float)});
+  const std::vector<HeadGroup> groups = head_groups(b, h, C, ds * d);
   for (const HeadGroup& hg : groups) {
     const bool whole = hg.nb == b && hg.nh == h;  // one group: no views to make (host time)
     auto part = [&](const Tensor& t) {

@@ -40,12 +40,14 @@ struct MixTParams {
   const __nv_bfloat16* p_lo = nullptr;  // lo halves of P, same layout (kALo only)
   float* O = nullptr;                   // [bh][C][X]: S (mode 0) or dF (mode 1)
   int C = 0, X = 0, ldp = 0, bh = 0;
+  bool group_x = false;  // the CTA order of the kernel: see mix_t_wgmma_kernel
 };
 
 constexpr int kTX = 128;          // rows of x per CTA (two warpgroups of 64)
 constexpr int kTC = 128;          // output chunks per CTA
 constexpr int kTK = 64;           // reduction chunks per stage
 constexpr int kTThreads = 256;
+constexpr int kXGroup = 16;       // x tiles per group of the CTA order (group_x)
 constexpr int kWPitch = kTX + 4;  // words: rows 2t apart land 8t banks apart (conflict-free)
 
 template <bool kALo>
@@ -127,12 +129,19 @@ __global__ void __launch_bounds__(kTThreads, kALo ? 1 : 2) mix_t_wgmma_kernel(co
   float* sA = reinterpret_cast<float*>(sB + 2 * Smem::kPlanes * Smem::kB);  // [stage][kA]
 
   const int tiles_x = cdiv(p.X, kTX), tiles_c = cdiv(p.C, kTC);
-  int64_t blk = blockIdx.x;
-  const int x0 = static_cast<int>(blk % tiles_x) * kTX;
-  blk /= tiles_x;
-  int tc = static_cast<int>(blk % tiles_c);
+  const int64_t tiles_bh = (int64_t)tiles_x * tiles_c;
+  const int bh = static_cast<int>(blockIdx.x / tiles_bh);
+  int q = static_cast<int>(blockIdx.x % tiles_bh);
+  // Per head: x tiles in groups (kXGroup with group_x, else all of them), each group's column
+  // tiles heaviest first, its x tiles fastest. Small groups put the CTAs that read the same rows
+  // of W in the same wave (read from DRAM once); one group starts every heaviest tile first.
+  const int xg = p.group_x ? min(kXGroup, tiles_x) : tiles_x;
+  const int g0 = q / (xg * tiles_c) * xg;
+  const int group = min(xg, tiles_x - g0);
+  q -= g0 * tiles_c;
+  const int x0 = (g0 + q % group) * kTX;
+  int tc = q / group;
   if (MODE == 0) tc = tiles_c - 1 - tc;  // heaviest (longest reduction) first
-  const int bh = static_cast<int>(blk / tiles_c);
   const int n0 = tc * kTC;
   const float* W = p.W + (int64_t)bh * p.C * p.X;
   const int64_t p_off = (int64_t)bh * p.C * p.ldp;

@@ -375,6 +375,31 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixing_cta_order(dtype, monkeypatch):
+    """The wgmma mixing (S = P F, dF = P^T dS) numbers its CTAs either x tiles fastest or, on
+    launches of 4 waves or more, in groups of 16 x tiles (BSBR_MIX_GROUP_X=1 forces the groups,
+    0 forbids them). The grouped order against the fp64 truth, then bitwise against the other:
+    each CTA computes the same tile either way. X = ds * d = 2560 is 20 x tiles (one full group
+    and a partial one) and C = 300 three column tiles, the last partial."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma mixing runs on compute capability 9.0 only")
+    b, h, n, d, ds, chunk = 1, 2, 16 * 300 - 5, 64, 40, 16
+    skip_unless_compiled(dtype, d)
+    gen = torch.Generator(device=DEV).manual_seed(32)
+    q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
+    ins = [q, k, v, mq, mk, qs, ks]
+    scale, ms, ss = scales(d, mq.shape[-1], ds, chunk)
+    monkeypatch.setenv("BSBR_MIX_GROUP_X", "1")
+    out, lse, g, grouped = check_fused(ins, dtype, gen, chunk, 0, scale, ms, ss)
+    monkeypatch.setenv("BSBR_MIX_GROUP_X", "0")
+    out0, lse0 = ops._bsbr_attention_fwd(*ins, chunk, 0, scale, ms, ss)
+    plain = ops._bsbr_attention_bwd(g, *ins, out0, lse0, chunk, 0, scale, ms, ss)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    for name, a, c in zip(FUSED_GRADS, grouped, plain):
+        assert torch.equal(a, c), f"{name}: the two CTA orders differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6]])
 @pytest.mark.parametrize("state", ["separate", "q"])
