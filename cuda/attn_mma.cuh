@@ -828,7 +828,7 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
   for (int i = 0; i < MTW; ++i) {
     store_state_rows<D>(F, acc[i], warp + WARPS * i, 0, ds, p.out_scale, p.states_split);
   }
-  wait_overlapped_kernel(p);
+  wait_overlapped_kernel(p.overlap_previous);
 }
 
 // ---------------------------------------------------------------------------------------------

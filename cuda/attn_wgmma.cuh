@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks<D>) attn_dq_kernel(Attn
   }
 
   mma::store_dq<T>(p, dq, bh, ra);
-  wait_overlapped_kernel(p);
+  wait_overlapped_kernel(p.overlap_previous);
 #endif
 }
 
@@ -569,7 +569,7 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
   // dF_c's hi / lo slabs go to Q stages 0 and 1.
   if (p.dF != nullptr) add_chunk_states_grad<T, D, kThreads>(p, dk, dv, sK, sV, sQ, sQ + QN * D, bh, m0, kBM, uw);
   mma::store_dkv<T>(p, dk, dv, bh, ua);
-  wait_overlapped_kernel(p);
+  wait_overlapped_kernel(p.overlap_previous);
 #endif
 }
 
@@ -694,7 +694,7 @@ __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
     add_frags_times_tile<T, D>(dq, a, sK + gk * TILE);
   }
   mma::store_dq<T>(p, dq, bh, ua);
-  wait_overlapped_kernel(p);
+  wait_overlapped_kernel(p.overlap_previous);
 #endif
 }
 

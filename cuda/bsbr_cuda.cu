@@ -336,14 +336,16 @@ __global__ void masked_softmax_fwd_kernel(const float* x, float* y, int64_t rows
 // 16-byte aligned rows) and keeps kSteps such pieces of P and of the summed dP in registers: a
 // row of up to kSteps * 32 * kVec columns is read once, with all its loads in flight (with a
 // single load per step the kernel waited on memory latency); longer rows are read twice.
+// overlap_previous: launched to overlap the kernel before it (the fused backward's dF = P^T dS).
 template <bool kSplitP, int kVec>
 __global__ void masked_softmax_bwd_kernel(const float* P, const float* dP, float* da, int64_t rows,
                                           int C, int ld, int splits, int64_t split_stride,
-                                          float out_scale) {
+                                          float out_scale, bool overlap_previous) {
   constexpr int kSteps = 4, kSeg = 32 * kVec * kSteps;
   using Vec = std::conditional_t<kVec == 4, float4, float>;
   const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  wait_overlapped_kernel(overlap_previous);  // first: some of the last CTA's warps have no row
   if (row >= rows) return;
   const int c = static_cast<int>(row % C);
   const float* pr = P + row * ld;
@@ -528,7 +530,8 @@ std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrie
                                                                   da.data_ptr<float>(),
                                                                   da.data_ptr<float>(), rows,
                                                                   static_cast<int>(C),
-                                                                  static_cast<int>(C), 1, 0, 1.f);
+                                                                  static_cast<int>(C), 1, 0, 1.f,
+                                                                  false);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tensor dmq = (at::matmul(da, mk) * meta_scale).to(meta_q.scalar_type());
   Tensor dmk = (at::matmul(da.transpose(-1, -2), mq) * meta_scale).to(meta_k.scalar_type());
@@ -1081,15 +1084,16 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
     bwd.dq_overlapping_previous();
     // dF = P^T dS, into F's buffer (dead after dP)
     mix_states(1, P, planes, dR, F, q.scalar_type());
-    planes = Tensor();
-    dR = Tensor();
-    // da = meta_scale * P * (dP - rowsum(P * dP)) into P (its last use).
+    // da = meta_scale * P * (dP - rowsum(P * dP)) into P (its last use), overlapping dF on
+    // Hopper: dF reads the planes and dR, and writes F, none of which this touches.
     const int64_t Cp = dP.size(3), rows = P.size(0) * C;
-    masked_softmax_bwd_kernel<true, 4><<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
-                                      at::cuda::getCurrentCUDAStream()>>>(
-        P.data_ptr<float>(), dP.data_ptr<float>(), P.data_ptr<float>(), rows, static_cast<int>(C),
-        static_cast<int>(Cp), splits, rows * Cp, static_cast<float>(meta_scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const bool overlap = use_pdl();
+    launch_kernel(masked_softmax_bwd_kernel<true, 4>, static_cast<unsigned>((rows + 7) / 8), 256, 0,
+                  at::cuda::getCurrentCUDAStream(), overlap, P.data_ptr<float>(),
+                  dP.data_ptr<float>(), P.data_ptr<float>(), rows, static_cast<int>(C),
+                  static_cast<int>(Cp), splits, rows * Cp, static_cast<float>(meta_scale), overlap);
+    planes = Tensor();  // freed only now: nothing is freed between two overlapping launches
+    dR = Tensor();
     if (before_dkv) overlap_dkv = before_dkv();
   } else {
     auto [gmq, gmk, dF] = block_retrieval_bwd(dR, meta_q, meta_k, F, meta_scale);

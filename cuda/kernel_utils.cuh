@@ -57,11 +57,35 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// The end of a kernel that may be launched to overlap the one before it (p.overlap_previous,
-// bsbr_cuda.h): the grid must not complete before that kernel does, so its last CTA (the one
-// dispatched last, which waits least) waits for it.
-__device__ __forceinline__ void wait_overlapped_kernel(const AttnParams& p) {
-  if (p.overlap_previous && blockIdx.x == gridDim.x - 1) pdl_wait();
+// In a kernel that may be launched to overlap the one before it (`overlap_previous`, e.g.
+// AttnParams::overlap_previous): the grid must not complete before that kernel does, so its last
+// CTA (the one dispatched last, which waits least) waits for it.
+__device__ __forceinline__ void wait_overlapped_kernel(bool overlap_previous) {
+  if (overlap_previous && blockIdx.x == gridDim.x - 1) pdl_wait();
+}
+
+// Launches kernel(args...) with `smem` bytes of dynamic shared memory; with `overlap_previous`,
+// as a programmatic dependent launch (it may start before the kernel before it on the stream
+// ends, once that one calls pdl_launch_dependents).
+template <typename Kernel, typename... Args>
+inline void launch_kernel(Kernel kernel, unsigned grid, int threads, size_t smem,
+                          cudaStream_t stream, bool overlap_previous, Args... args) {
+  if (overlap_previous) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+  } else {
+    kernel<<<grid, threads, smem, stream>>>(args...);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T> __device__ __forceinline__ float to_f(T x);

@@ -24,29 +24,13 @@ inline unsigned grid_chunks(const AttnParams& p) {
 
 template <typename T> constexpr bool kHasMma = !std::is_same<T, float>::value;
 
-// Launches kernel(p) with `smem` bytes of dynamic shared memory (allowed first when over 48 KiB);
-// with `overlap_previous`, as a programmatic dependent launch (it may start before the kernel
-// before it on the stream ends, once that one calls pdl_launch_dependents).
+// Launches kernel(p) with `smem` bytes of dynamic shared memory (allowed first when over 48 KiB),
+// with `overlap_previous` as a programmatic dependent launch (launch_kernel).
 template <typename Kernel>
 inline void launch_smem(Kernel kernel, unsigned grid, int threads, size_t smem,
                         cudaStream_t stream, const AttnParams& p, bool overlap_previous = false) {
   allow_dynamic_smem(kernel, smem);
-  if (overlap_previous) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(threads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
-  } else {
-    kernel<<<grid, threads, smem, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, threads, smem, stream, overlap_previous, p);
 }
 
 template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t stream) {

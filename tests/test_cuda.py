@@ -610,7 +610,7 @@ def test_backward_deterministic(dtype, d, w, monkeypatch):
 def test_overlapped_launches(dtype, meta_contiguous, groups, monkeypatch):
     """Independent kernels overlap on Hopper (programmatic dependent launch; BSBR_PDL=0 launches
     them one after the other): the chunk states beside the retrieval weights, dQ beside dP, the
-    last head group's dK/dV beside the meta gradients. Forward and gradients are bitwise those
+    softmax backward beside dF, the last head group's dK/dV beside the meta gradients. Forward and gradients are bitwise those
     of the serial launches, eagerly and replayed from a CUDA graph, with one head group or two.
     Meta tensors that are not contiguous are copied first, and the states kernel must then not
     overlap (the copies are freed before it runs); that case must agree as well."""
