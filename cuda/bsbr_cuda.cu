@@ -184,10 +184,10 @@ void check_sizes(int64_t b, int64_t h, int64_t n, int64_t chunk) {
 // instead of two full-size ones. Small problems are one group. The split-K partial sums of dP
 // stay under half of the budget. The budget is 24 MiB, or the states of 1536 (head, chunk)
 // pairs (three heads of 64k tokens at chunk 128) where those are larger: 24 MiB keeps 64k
-// tokens, d = 64, 16 heads under 600 MiB of peak extra memory (H200, 2026-11-29: 16 MiB, eight
-// groups, 574 MiB and 3.38-3.40 ms forward+backward; 24 MiB, six groups, 595 MiB and 3.17 ms;
-// 32 MiB, four groups, 615 MiB and 3.01 ms), and at larger states a group of fewer heads leaves
-// each kernel a grid too small for the GPU (d = 128: Run 22 of docs/cuda_notes.md).
+// tokens, d = 64, 16 heads under 600 MiB of peak extra memory (H100, e30a1f4: 16 MiB 2.76 ms
+// forward+backward at 576 MiB; 24 MiB 2.62 ms at 596; 32 MiB 2.48 ms at 617), and at larger
+// states a group of fewer heads leaves each kernel a grid too small for the GPU (d = 128: 7.93
+// ms at 24 MiB, 7.07 ms at 96; docs/cuda_notes.md, Run 22).
 // BSBR_GROUP_STATE_BYTES overrides it (tests use it to run many groups at small sizes).
 // `state_size` is the elements of one chunk state, ds * d.
 int64_t group_state_bytes(int64_t state_size) {
