@@ -225,8 +225,8 @@ void check_state_inputs(const Tensor& k_state, const Tensor& v, int64_t chunk_si
 }
 
 // Whether a kernel may overlap an independent kernel launched just before it (programmatic
-// dependent launch: the chunk states after the retrieval weights, the Hopper dQ after
-// dP = dS F^T), under the conditions of the wgmma kernels, whose sm_90a code has the
+// dependent launch; the pairs: docs/cuda_notes.md, "Independent kernels overlapped on the one
+// stream"), under the conditions of the wgmma kernels, whose sm_90a code has the
 // griddepcontrol instructions the overlap relies on. BSBR_PDL=0 (read per call) launches them
 // one after the other, for cross-checking and A/B timing.
 bool use_pdl() { return use_wgmma("BSBR_PDL"); }
@@ -525,14 +525,10 @@ std::tuple<Tensor, Tensor, Tensor> block_retrieval_bwd(const Tensor& grad_retrie
   Tensor F = states.contiguous().view({b * h, C, ds * d});
   Tensor da = tri_scores(dS, F).contiguous().view({b, h, C, C});  // dP, then da in place
   const int64_t rows = b * h * C;
-  masked_softmax_bwd_kernel<false, 1><<<static_cast<unsigned>((rows + 7) / 8), 256, 0,
-                                     at::cuda::getCurrentCUDAStream()>>>(P.data_ptr<float>(),
-                                                                  da.data_ptr<float>(),
-                                                                  da.data_ptr<float>(), rows,
-                                                                  static_cast<int>(C),
-                                                                  static_cast<int>(C), 1, 0, 1.f,
-                                                                  false);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(masked_softmax_bwd_kernel<false, 1>, static_cast<unsigned>((rows + 7) / 8), 256, 0,
+                at::cuda::getCurrentCUDAStream(), /*overlap_previous=*/false, P.data_ptr<float>(),
+                da.data_ptr<float>(), da.data_ptr<float>(), rows, static_cast<int>(C),
+                static_cast<int>(C), 1, int64_t{0}, 1.f, false);
   Tensor dmq = (at::matmul(da, mk) * meta_scale).to(meta_q.scalar_type());
   Tensor dmk = (at::matmul(da.transpose(-1, -2), mq) * meta_scale).to(meta_k.scalar_type());
   Tensor dF = tri_mix_t(P.view({b * h, C, C}), dS).view({b, h, C, ds, d});
@@ -711,8 +707,7 @@ void mix_states(int mode, const Tensor& P, const Tensor& planes, const Tensor& F
     mp.O = out.data_ptr<float>();
     mp.C = static_cast<int>(C), mp.X = static_cast<int>(X);
     mp.ldp = static_cast<int>(planes.size(2)), mp.bh = static_cast<int>(bh);
-    mp.group_x = mix_group_x((X + mix::kTX - 1) / mix::kTX * ((C + mix::kTC - 1) / mix::kTC) * bh,
-                             p_hi_only ? 2 : 1);
+    mp.group_x = mix_group_x(mix::t_tiles(mp), mix::t_ctas_per_sm(/*a_lo=*/!p_hi_only));
     dispatch_mode([&](auto mode_tag, auto a_lo_tag) {
       mix::launch_mix_t_wgmma<decltype(mode_tag)::value, decltype(a_lo_tag)::value>(mp, stream);
     });

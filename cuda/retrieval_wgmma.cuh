@@ -60,6 +60,15 @@ struct MixTSmem {
       1024 + 2 * (kPlanes * kB * sizeof(__nv_bfloat16) + kA * sizeof(float));
 };
 
+// CTAs per SM of mix_t_wgmma_kernel: two when P enters as its hi half only (99 KiB of shared
+// memory, <= 128 registers), one with the lo plane as well.
+constexpr int t_ctas_per_sm(bool a_lo) { return a_lo ? 1 : 2; }
+
+// CTAs of one mix_t_wgmma_kernel launch.
+inline int64_t t_tiles(const MixTParams& p) {
+  return (int64_t)cdiv(p.X, kTX) * cdiv(p.C, kTC) * p.bh;
+}
+
 // Async copy of a ROWS x COLS bf16 tile (global rows r0.., cols c0..) into the swizzled layout;
 // pieces outside [rows, cols) are zero-filled.
 template <int ROWS, int COLS>
@@ -115,10 +124,8 @@ __device__ __forceinline__ void two_stage_pipeline(int kb, int ke, Load&& load, 
 }
 #endif
 
-// Two CTAs per SM when P enters as its hi half only (99 KiB of shared memory, <= 128 registers);
-// one with the lo plane as well.
 template <int MODE, bool kALo>
-__global__ void __launch_bounds__(kTThreads, kALo ? 1 : 2) mix_t_wgmma_kernel(const MixTParams p) {
+__global__ void __launch_bounds__(kTThreads, t_ctas_per_sm(kALo)) mix_t_wgmma_kernel(const MixTParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(MODE == 0 || MODE == 1, "wgmma mixing covers S = P F and dF = P^T dS");
   using Smem = MixTSmem<kALo>;
@@ -267,7 +274,7 @@ inline void launch_mix_t_wgmma(const MixTParams& p, cudaStream_t stream) {
   const size_t smem = MixTSmem<kALo>::kBytes;
   auto kernel = mix_t_wgmma_kernel<MODE, kALo>;
   allow_dynamic_smem(kernel, smem);
-  const int64_t tiles = (int64_t)cdiv(p.X, kTX) * cdiv(p.C, kTC) * p.bh;
+  const int64_t tiles = t_tiles(p);
   if (tiles == 0) return;
   kernel<<<static_cast<unsigned>(tiles), kTThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
