@@ -847,10 +847,13 @@ __global__ void __launch_bounds__(kStatesThreads<D>) states_fwd_kernel(AttnParam
 // D = 128): staging the 64 KiB of M per 64 tokens with 4 warps left the D = 128 kernel
 // latency-bound (ncu, Run 13: 12% occupancy, 22% of DRAM bandwidth). H200, 64k, per head group:
 // 75.5 -> 73.3 us at D = 128, 47.0 -> 45.7 us at D = 64.
-// x is staged in shared memory below D = 128. At D = 128 its A fragments are read from global
-// (after an L2 prefetch), which leaves 104 KiB of shared memory and 2 CTAs per SM instead of 1:
-// 73.4 -> 63.0 us per head group; the same at D = 64, where registers and not shared memory set
-// the occupancy, took 45.9 -> 55.0 us (H200, 64k, Run 14).
+// x is staged in shared memory below D = 128. At D = 128 a buffer of its own would leave 1 CTA
+// per SM instead of 2 (104 KiB): the states backward reads its A fragments from global (after an
+// L2 prefetch; H200, 64k, Run 14: 73.4 -> 63.0 us per head group against staging it), and the
+// preprocess stages it over M once the products with M are done. The preprocess's delta also
+// needs out, staged there too: both read as 16-byte row pieces. Reading them straight into
+// fragments (4-byte loads of 16 bytes of a 32-byte sector per row) left 40% of the kernel's L2
+// sectors excessive and long-scoreboard stalls on top (ncu, H100, Run 23).
 template <int D> constexpr int kTokmatThreads = D >= 64 ? 256 : kThreads;
 template <int D> constexpr int kTokmatRows = kTokmatThreads<D> / 2;  // 16 per warp
 template <int D> constexpr bool kTokmatStageX = D < 128;
@@ -911,18 +914,16 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
       dst[r * SD + col] = from_f<T>(0.f);
     }
   };
-  if constexpr (kTokmatStageX<D>) {
-    stage_x(sX);
-  } else {
-    // x (and out, for delta) are read from global after the products, straight into
-    // registers: bring their rows into L2 while M is staged.
-    for (int r = threadIdx.x; r < t1 - t0; r += THREADS) {
+  if constexpr (kTokmatStageX<D>) stage_x(sX);
+  // What is read only after the products (x at D = 128, out for delta): its rows into L2 while
+  // M is staged.
+  for (int r = threadIdx.x; r < t1 - t0; r += THREADS) {
+    if constexpr (!kTokmatStageX<D>)
       for (int off = 0; off < ds; off += 128 / static_cast<int>(sizeof(T)))
         prefetch_l2(xb + (int64_t)(t0 + r) * p.qs_st.n + off);
-      if (kPrep)
-        for (int off = 0; off < D; off += 128 / static_cast<int>(sizeof(T)))
-          prefetch_l2(ob + (int64_t)(t0 + r) * p.out_st.n + off);
-    }
+    if constexpr (kPrep)
+      for (int off = 0; off < D; off += 128 / static_cast<int>(sizeof(T)))
+        prefetch_l2(ob + (int64_t)(t0 + r) * p.out_st.n + off);
   }
   cp_async_commit();
   const float mscale = kPrep ? p.state_scale : 1.f;
@@ -934,21 +935,10 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
 
   // The preprocess's chunk-state gradients (tokmat_prep_writes_states), run by every warp last:
   // dR_c = out_scale * x^T y over the chunk's tokens (t0 = its first), in the warps' tiles of 16
-  // state rows by 32 columns; rows of x and y past t1 are zero. Below D = 128 x and y stay
-  // staged and no barrier is needed; at D = 128 x is staged now, over M's hi half, once every
-  // warp is done reading M (the warps without tokens come here directly and wait there too).
-  auto prep_states = [&] {
+  // state rows by 32 columns, from the staged x (sXs) and y; rows past t1 are zero.
+  auto prep_states = [&](const T* sXs) {
     if constexpr (kPrep) {
       if (tokmat_prep_writes_states<D>(p)) {
-        const T* sXs = sX;
-        if constexpr (!kTokmatStageX<D>) {
-          __syncthreads();
-          stage_x(sMhi);
-          cp_async_commit();
-          cp_async_wait<0>();
-          __syncthreads();
-          sXs = sMhi;
-        }
         constexpr int kColBlocks = D / 32, kWarps = THREADS / 32;
         float* F = p.states + ((int64_t)bh * p.num_chunks + c) * ds * D;
         for (int tile = threadIdx.x / 32; tile < dsp / 16 * kColBlocks; tile += kWarps) {
@@ -962,41 +952,53 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
   };
 
   const int r0 = warp * 16;
-  if (t0 + r0 >= t1) return prep_states();  // no barrier below but prep_states's
+  // The preprocess's warps without tokens still reach its barriers.
+  const bool has_rows = t0 + r0 < t1;
+  if (!kPrep && !has_rows) return;  // the states backward has no barrier below
   const int ra = t0 + r0 + lane / 4, rb = ra + 8;
-  // The A fragment of x's columns [k0, k0 + 16) for the warp's 16 tokens (zero past ds, t1).
-  auto load_x = [&](uint32_t(&a)[4], int k0) {
-    if constexpr (kTokmatStageX<D>) {  // 4-byte reads: ldmatrix cost the D = 64 kernel a spill
+  // The A fragment of x's columns [k0, k0 + 16) for the warp's 16 tokens (zero past ds, t1),
+  // from a staged [rows][SD] tile (4-byte reads: ldmatrix cost the D = 64 kernel a spill).
+  auto load_x_staged = [&](uint32_t(&a)[4], const T* sXs, int k0) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        a[i] = *reinterpret_cast<const uint32_t*>(
-            sX + (r0 + lane / 4 + 8 * (i & 1)) * SD + k0 + (lane % 4) * 2 + (i / 2) * 8);
-    } else {
-      load_a_global(a, xb, p.qs_st.n, ra, k0, t1, ds);
-    }
+    for (int i = 0; i < 4; ++i)
+      a[i] = *reinterpret_cast<const uint32_t*>(
+          sXs + (r0 + lane / 4 + 8 * (i & 1)) * SD + k0 + (lane % 4) * 2 + (i / 2) * 8);
   };
 
   // dx = y M^T  [16 x dsp]
   float ax[DT][4];
 #pragma unroll
   for (int i = 0; i < DT; ++i) ax[i][0] = ax[i][1] = ax[i][2] = ax[i][3] = 0.f;
+  if (has_rows) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldsm_x4(a, sY + a_off<SD>(lane, r0, kk * 16));
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, sY + a_off<SD>(lane, r0, kk * 16));
 #pragma unroll
-    for (int nn = 0; nn < D / 16; ++nn) {
-      if (nn * 16 < dsp) {
-        const int off = bnk_off<SD>(lane, nn * 16, kk * 16);
-        mma_split_b<T, false>(ax[2 * nn], ax[2 * nn + 1], a, sMhi + off, sMlo + off);
+      for (int nn = 0; nn < D / 16; ++nn) {
+        if (nn * 16 < dsp) {
+          const int off = bnk_off<SD>(lane, nn * 16, kk * 16);
+          mma_split_b<T, false>(ax[2 * nn], ax[2 * nn + 1], a, sMhi + off, sMlo + off);
+        }
       }
     }
+    T* dx = static_cast<T*>(p.dqs) + (int64_t)bh * n * ds;
+    if (!kPrep && p.dqs_accumulate) add_existing<T, DT>(ax, dx, ds, ra, t1, ds);
+    store_frag<T>(dx, ax, ds, ra, t1, ds);
   }
-  T* dx = static_cast<T*>(p.dqs) + (int64_t)bh * n * ds;
-  if (!kPrep && p.dqs_accumulate) add_existing<T, DT>(ax, dx, ds, ra, t1, ds);
-  store_frag<T>(dx, ax, ds, ra, t1, ds);
 
   if constexpr (kPrep) {
+    // M is dead once every warp is past its products: out (and at D = 128 x) go over it.
+    static_assert(kTokmatStageX<D> ? BT <= 2 * D : BT <= D, "out's tile fits over M");
+    __syncthreads();
+    T* sOut = kTokmatStageX<D> ? sMhi : sMlo;
+    const T* sXs = kTokmatStageX<D> ? sX : sMhi;
+    if constexpr (!kTokmatStageX<D>) stage_x(sMhi);
+    load_rows<T, D, BT, THREADS>(sOut, ob, p.out_st.n, t0, t1);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (!has_rows) return prep_states(sXs);
     // delta = dO.out - qs.dqs, with qs in the A-fragment layout, whose k-step kk holds the
     // accumulator's column tiles 2 kk (registers 0, 1) and 2 kk + 1 (2, 3).
     float part[2] = {0.f, 0.f};  // this thread's share for rows ra, rb
@@ -1004,7 +1006,7 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
     for (int kk = 0; kk < D / 16; ++kk) {
       if (kk * 16 < dsp) {
         uint32_t xa[4];
-        load_x(xa, kk * 16);
+        load_x_staged(xa, sXs, kk * 16);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const float2 x2 = unpack2<T>(xa[r]);
@@ -1021,16 +1023,16 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
 #pragma unroll
         for (int nt = 0; nt < DT; ++nt) {
           const int col = nt * 8 + (lane % 4) * 2;
-          const T* orow = ob + (int64_t)row * p.out_st.n + col;
-          part[i] += to_f(sY[rl * SD + col]) * to_f(orow[0]) +
-                     to_f(sY[rl * SD + col + 1]) * to_f(orow[1]);
+          const float2 y2 = unpack2<T>(*reinterpret_cast<const uint32_t*>(sY + rl * SD + col));
+          const float2 o2 = unpack2<T>(*reinterpret_cast<const uint32_t*>(sOut + rl * SD + col));
+          part[i] += y2.x * o2.x + y2.y * o2.y;
         }
       }
       part[i] += __shfl_xor_sync(0xffffffffu, part[i], 1);
       part[i] += __shfl_xor_sync(0xffffffffu, part[i], 2);
       if (row < t1 && lane % 4 == 0) p.delta[(int64_t)bh * n + row] = part[i];
     }
-    prep_states();
+    prep_states(sXs);
   } else {
     // dy = x M  [16 x D]
     float ay[DT][4];
@@ -1040,7 +1042,11 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
     for (int kk = 0; kk < D / 16; ++kk) {
       if (kk * 16 < dsp) {
         uint32_t a[4];
-        load_x(a, kk * 16);
+        if constexpr (kTokmatStageX<D>) {
+          load_x_staged(a, sX, kk * 16);
+        } else {
+          load_a_global(a, xb, p.qs_st.n, ra, kk * 16, t1, ds);
+        }
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           const int off = bkn_off<SD>(lane, kk * 16, dd * 16);
