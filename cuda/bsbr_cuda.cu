@@ -103,7 +103,8 @@ bool use_wgmma(const char* off_switch) {
 }
 
 // The tensor-core path loads 16-byte pieces of rows: base and row/head/batch strides must allow
-// that. A view that does not (rare: an odd offset into a buffer) is copied once, here.
+// that. A view that does not (rare: an odd offset into a buffer) is copied once, into a fresh
+// buffer (prep_token: contiguous() would return a contiguous view at an odd offset as it is).
 bool vec_aligned(const Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
   for (int i = 0; i < 3; ++i)
@@ -114,7 +115,7 @@ bool vec_aligned(const Tensor& t) {
 Tensor prep_token(const Tensor& t, bool need_vec) {
   if (t.numel() == 0) return t;
   if (t.stride(-1) != 1 && t.size(-1) > 1) return prep_token(t.contiguous(), need_vec);
-  if (need_vec && !vec_aligned(t)) return t.contiguous();
+  if (need_vec && !vec_aligned(t)) return t.clone(at::MemoryFormat::Contiguous);
   return t;
 }
 
