@@ -384,7 +384,6 @@ def test_mixing_cta_order(dtype, monkeypatch):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma mixing runs on compute capability 9.0 only")
     b, h, n, d, ds, chunk = 1, 2, 16 * 300 - 5, 64, 40, 16
-    skip_unless_compiled(dtype, d)
     gen = torch.Generator(device=DEV).manual_seed(32)
     q, k, v, qs, ks, mq, mk, _ = attn_inputs(b, h, n, d, ds, chunk, dtype, gen)
     ins = [q, k, v, mq, mk, qs, ks]
@@ -644,8 +643,9 @@ def test_backward_deterministic(dtype, d, w, monkeypatch):
 def test_overlapped_launches(dtype, meta_contiguous, groups, monkeypatch):
     """Independent kernels overlap on Hopper (programmatic dependent launch; BSBR_PDL=0 launches
     them one after the other): the chunk states beside the retrieval weights, dQ beside dP, the
-    softmax backward beside dF, the last head group's dK/dV beside the meta gradients. Forward and gradients are bitwise those
-    of the serial launches, eagerly and replayed from a CUDA graph, with one head group or two.
+    softmax backward beside dF, the last head group's dK/dV beside the meta gradients. Forward
+    and gradients are bitwise those of the serial launches, eagerly and replayed from a CUDA
+    graph, with one head group or two.
     Meta tensors that are not contiguous are copied first, and the states kernel must then not
     overlap (the copies are freed before it runs); that case must agree as well."""
     b, h, n, d, chunk, w, dm = 1, 4, 16384 + 77, 64, 128, 0, 64
