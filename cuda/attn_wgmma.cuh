@@ -498,6 +498,9 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
   float* sL = reinterpret_cast<float*>(sO + 2 * QN * D);  // [2][QN] lse * log2e
   float* sD = sL + 2 * QN;                                  // [2][QN] delta
   int* sLo = reinterpret_cast<int*>(sD + 2 * QN);           // [2][QN] window start
+  // The fused backward launches the next head group's chunk states next (GroupTail,
+  // bsbr_cuda.cu), which read nothing this writes, to fill this grid's tail.
+  pdl_launch_dependents();
 
   const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int n = p.n, B = p.chunk, w = p.overlap;
@@ -602,6 +605,7 @@ __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
   float* sL = reinterpret_cast<float*>(sS + WG * (WG + 1) / 2 * 64 * 64);  // [R] lse * log2e
   float* sD = sL + R;                                                       // [R] delta
   int* sLo = reinterpret_cast<int*>(sD + R);                                // [R] window start
+  pdl_launch_dependents();  // as in attn_dkv_kernel
 
   const auto [bh, bi, hi, m0] = row_tile(p, R);
   const int n = p.n;

@@ -234,11 +234,13 @@ bool use_pdl() { return use_wgmma("BSBR_PDL"); }
 
 // `into`, when given, is a contiguous fp32 [b, h, C, ds, d] buffer to write (reused memory).
 // `split` stores split-bf16 words instead of fp32 (the tensor-core mixing's operand format;
-// fp16/bf16 inputs only). `after_probs`: the last launch on the stream was probs_padded's
-// tensor-core kernel, which the states kernel may then overlap (probs_padded's `overlappable`,
-// use_pdl).
+// fp16/bf16 inputs only). `overlap_previous`: the last kernel launched on the stream neither
+// writes what this one reads nor reads what it writes, and everything it reads stays allocated
+// until this launch is issued (probs_padded's `overlappable`; the fused backward's previous head
+// group, GroupTail): the states kernel may then overlap it (use_pdl).
 Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_scale,
-                   const Tensor& into = Tensor(), bool split = false, bool after_probs = false) {
+                   const Tensor& into = Tensor(), bool split = false,
+                   bool overlap_previous = false) {
   const int64_t b = y.size(0), h = y.size(1), n = y.size(2), d = y.size(3), ds = x.size(3);
   const int64_t C = (n + chunk - 1) / chunk;
   Tensor out = into.defined() ? into : at::empty({b, h, C, ds, d}, y.options().dtype(at::kFloat));
@@ -249,7 +251,7 @@ Tensor states_impl(const Tensor& x, const Tensor& y, int64_t chunk, double out_s
   p.out_scale = static_cast<float>(out_scale);
   p.states_split = split;
   TORCH_INTERNAL_ASSERT(!(split && p.simt), "split-word states come from the tensor-core kernel only");
-  p.overlap_previous = after_probs && !p.simt && use_pdl();
+  p.overlap_previous = overlap_previous && !p.simt && use_pdl();
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(y.scalar_type(), d, [&](auto t, auto dim) {
     run_states_fwd<decltype(t), decltype(dim)::value>(p, stream);
@@ -555,7 +557,7 @@ int64_t pad4(int64_t x) { return (x + 3) / 4 * 4; }
 // P = masked softmax of meta_scale * mq mk^T as [b*h, C, Cp] split-bf16 words (the tensor-core
 // mixing's operand format), Cp = C rounded up to 4; the padding columns and j >= c hold zeros.
 // `overlappable` (if given) tells whether the next kernel may overlap the last one launched here
-// (states_impl's after_probs): only when that is the tensor-core kernel reading the caller's
+// (states_impl's overlap_previous): only when that is the tensor-core kernel reading the caller's
 // meta tensors, since a copy freed here could be reused by the next kernel's outputs while the
 // kernel still reads it (the caching allocator assumes stream order, which the overlap breaks).
 Tensor probs_padded(const Tensor& meta_q, const Tensor& meta_k, double meta_scale,
@@ -957,6 +959,9 @@ class AttnBackward {
     p_.overlap_previous = false;
   }
 
+  // Everything the kernels read that this object keeps allocated (prepared views, lse, delta).
+  std::vector<Tensor> operands() const { return {q_, k_, v_, dout_, qs_, out_, lse_, delta_}; }
+
  private:
   int64_t chunk_;
   double state_scale_;
@@ -1013,7 +1018,7 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
     bool overlappable = false;
     const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale, &overlappable) : Tensor();
     Tensor states = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/tc,
-                                /*after_probs=*/overlappable);
+                                /*overlap_previous=*/overlappable);
     const Tensor planes = tc ? weight_planes(P, q.scalar_type()) : Tensor();
     R = retrieve(states, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
   }
@@ -1047,11 +1052,23 @@ std::vector<HeadGroup> head_groups(int64_t b, int64_t h, int64_t C, int64_t stat
   return groups;
 }
 
+// What a head group of the fused backward leaves for the next one: whether its last kernel is
+// its Hopper dK/dV (or dQ/dK/dV), which the next group's chunk states may overlap (that kernel
+// calls pdl_launch_dependents; the two read nothing the other writes), and the tensors it
+// reads, kept allocated until the overlapping launch is issued: freed earlier, the caching
+// allocator could hand their memory to the next group's states while dK/dV still reads it.
+struct GroupTail {
+  bool overlappable = false;
+  std::vector<Tensor> operands;
+};
+
 // One group of the fused backward: its inputs and outputs are views of the full tensors. P is
 // the group's rows of the retrieval weights for the tensor-core path (overwritten here by
 // da = d(logits), from which the caller takes dmq and dmk for all groups at once), undefined for
 // the cuBLAS path (which writes dmq and dmk). dks is written unless fold_k (k_state is k: its
 // gradient is added into dk). after_probs: the caller's last launch computed P (states_impl).
+// tail: on entry the previous group's (empty for the first), released once this group's first
+// kernel is launched; on return this group's.
 // before_dkv (tensor-core path, may be empty) runs once the group's da is final, before dK/dV,
 // and returns whether dK/dV may overlap the kernel it launched last (AttnBackward::finish).
 void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -1059,13 +1076,14 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
                      const Tensor& k_state, const Tensor& out, const Tensor& lse, const Tensor& P,
                      int64_t chunk_size, int64_t chunk_overlap, double scale, double meta_scale,
                      double state_scale, const TokenGrads& g, const Tensor& dmq, const Tensor& dmk,
-                     const Tensor& dks, bool fold_k, bool after_probs,
+                     const Tensor& dks, bool fold_k, bool after_probs, GroupTail& tail,
                      const std::function<bool()>& before_dkv) {
   // Recompute the chunk states and the retrieval (cheap next to the attention). Two fp32 state
   // buffers in all: F (later overwritten by dF) and R (later by dR).
   // On the tensor-core path F and dR are split-bf16 words (the mixing's operand format).
   Tensor F = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/P.defined(),
-                         after_probs);
+                         /*overlap_previous=*/after_probs || tail.overlappable);
+  tail = GroupTail();
   // The weights' planes serve both of the group's wgmma products (S = P F, dF = P^T dS).
   Tensor planes = P.defined() ? weight_planes(P, q.scalar_type()) : Tensor();
   Tensor R = retrieve(F, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
@@ -1101,6 +1119,9 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
   // dk += v dF^T. With k_state = k the tensor-core dK/dV does it from the k and v it holds.
   if (fold_k && bwd.fuses_states()) {
     bwd.finish(F, overlap_dkv);
+    tail.overlappable = true;
+    tail.operands = bwd.operands();
+    tail.operands.push_back(F);
   } else {
     bwd.finish(Tensor(), overlap_dkv);
     states_bwd_into(F, k_state, v, chunk_size, fold_k ? g.dk : dks, fold_k, g.dv, true);
@@ -1153,6 +1174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
     return true;
   };
   const std::vector<HeadGroup> groups = head_groups(b, h, C, ds * d);
+  GroupTail tail;
   for (const HeadGroup& hg : groups) {
     const bool whole = hg.nb == b && hg.nh == h;  // one group: no views to make (host time)
     auto part = [&](const Tensor& t) {
@@ -1163,7 +1185,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
     fused_bwd_group(part(grad_out), part(q), part(k), part(v), part(meta_q), part(meta_k),
                     part(q_state), part(k_state), part(out), part(lse), Pg, chunk_size,
                     chunk_overlap, scale, meta_scale, state_scale, g, part(dmq), part(dmk),
-                    fold_k ? dks : part(dks), fold_k, /*after_probs=*/overlappable,
+                    fold_k ? dks : part(dks), fold_k, /*after_probs=*/overlappable, tail,
                     tc && &hg == &groups.back() ? std::function<bool()>(meta_grads) : nullptr);
     overlappable = false;  // the first group's states kernel follows P's; the others do not
   }

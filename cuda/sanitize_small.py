@@ -29,6 +29,10 @@ for dtype, d, n, B, w in [(torch.bfloat16, 64, 150, 48, 20), (torch.float32, 32,
     # States omitted (k_state = k): the chunk-states backward runs inside the dK/dV kernel.
     out2, lse2 = ops._bsbr_attention_fwd(q, k, v, mq, mk, None, None, B, w, sc, ms, ss)
     ops._bsbr_attention_bwd(g, q, k, v, mq, mk, None, None, out2, lse2, B, w, sc, ms, ss)
+    # One head per group: each group's chunk states overlap the previous group's dK/dV on Hopper.
+    os.environ["BSBR_GROUP_STATE_BYTES"] = "1"
+    ops._bsbr_attention_bwd(g, q, k, v, mq, mk, None, None, out2, lse2, B, w, sc, ms, ss)
+    del os.environ["BSBR_GROUP_STATE_BYTES"]
     st = ops._chunk_states_fwd(ks, v, B)
     ops._chunk_states_bwd(st, ks, v, B)
     torch.cuda.synchronize()

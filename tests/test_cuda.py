@@ -639,16 +639,18 @@ def test_backward_deterministic(dtype, d, w, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("meta_contiguous", [True, False])
-@pytest.mark.parametrize("groups", [1, 2])
-def test_overlapped_launches(dtype, meta_contiguous, groups, monkeypatch):
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_overlapped_launches(dtype, meta_contiguous, groups, d, monkeypatch):
     """Independent kernels overlap on Hopper (programmatic dependent launch; BSBR_PDL=0 launches
-    them one after the other): the chunk states beside the retrieval weights, dQ beside dP, the
-    softmax backward beside dF, the last head group's dK/dV beside the meta gradients. Forward
-    and gradients are bitwise those of the serial launches, eagerly and replayed from a CUDA
-    graph, with one head group or two.
+    them one after the other): the chunk states beside the retrieval weights, dQ beside dP (d = 64;
+    at d = 128 dQ is part of the dQ/dK/dV kernel), the softmax backward beside dF, the last head
+    group's dK/dV beside the meta gradients, and each later head group's chunk states beside the
+    group before's dK/dV. Forward and gradients are bitwise those of the serial launches, eagerly
+    and replayed from a CUDA graph, with one, two or four head groups.
     Meta tensors that are not contiguous are copied first, and the states kernel must then not
     overlap (the copies are freed before it runs); that case must agree as well."""
-    b, h, n, d, chunk, w, dm = 1, 4, 16384 + 77, 64, 128, 0, 64
+    b, h, n, chunk, w, dm = 1, 4, 16384 + 77, 128, 0, 64
     gen = torch.Generator(device=DEV).manual_seed(31)
     C = (n + chunk - 1) // chunk
     if groups > 1:  # the backward's head groups: a budget of F for h / groups heads
