@@ -34,21 +34,23 @@ constexpr int kBN = 64;        // keys per tile
 // of 128 and stage S_c (64 KiB) once instead of twice: H200, 64k, 792 -> 719 us. At D = 64 one
 // (257 us against 267 with two): 4 CTAs per SM interleave more than 2 CTAs of 2 warpgroups.
 template <int D> constexpr int kFwdWarpgroups = D == 128 ? 2 : 1;
-// The first S_c the epilogue needs is fetched by one bulk copy (TMA) into shared memory, so the
-// epilogue converts it from there instead of waiting on its global loads. At D = 128 (one CTA
-// per SM, shared memory to spare) it lands in a buffer of its own, issued when the CTA starts. At
-// D = 64 a 16 KiB buffer would cost a CTA per SM, so it lands in the K / V stage that the last
-// key tile does not use, issued as soon as that stage is free (a stage's K and V tiles are
-// adjacent: together they are exactly one fp32 [64][64] S_c).
+// The S_c the epilogue needs are fetched by bulk copies (TMA) into shared memory, so the
+// epilogue converts them from there instead of waiting on their global loads. At D = 128 (one
+// CTA per SM) they land in two buffers of their own, and the CTA is persistent (it walks tiles
+// blockIdx.x, + gridDim.x, ...; the host launches one per SM) so that the next tile's S_c arrives
+// while this tile computes. At D = 64 a 16 KiB buffer would cost a CTA per SM (and 4 CTAs per SM
+// overlap each other's loads anyway), so it lands in the K / V stage that the last key tile
+// does not use, issued as soon as that stage is free (a stage's K and V tiles are adjacent:
+// together they are exactly one fp32 [64][64] S_c).
 template <int D> constexpr bool kFwdOwnStatesBuffer = D == 128;
 // Shared memory: Q ([64][D] per warpgroup), then 2 stages of K and V ([64][D] each, K then V),
-// then with kFwdOwnStatesBuffer the fp32 S_c ([D][D]), then the copy's mbarrier; plus 1 KiB to
-// align the start to an atom.
+// then with kFwdOwnStatesBuffer two fp32 S_c buffers ([D][D]), then the copies' mbarriers (one,
+// or one per buffer); plus 1 KiB to align the start to an atom. D = 128: 225 KiB.
 template <typename T, int D>
 constexpr size_t kSmemBytes = (kFwdWarpgroups<D> + 4) * 64 * D * sizeof(T) +
-                              (kFwdOwnStatesBuffer<D> ? D * D * sizeof(float) : 0) + 16 + 1024;
+                              (kFwdOwnStatesBuffer<D> ? 2 * D * D * sizeof(float) : 0) + 16 + 1024;
 // CTAs per SM: at D = 64 shared memory allows 5, registers 4 (128 each: more spilled); at 128
-// (two warpgroups, 215 registers) one.
+// (two warpgroups, 229 registers, 225 KiB of shared memory) one.
 template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 1;
 
 // Async copy of rows [r0, r0 + 64) of a [n, D] strided matrix into a swizzled tile by a group of
@@ -157,153 +159,209 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int NB = D / 64;  // 64-column blocks of the output
   constexpr int WGS = kFwdWarpgroups<D>, THREADS = WGS * kThreads, ROWS = WGS * kBM;
+  constexpr bool kOwn = kFwdOwnStatesBuffer<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));
   constexpr int STAGE = 2 * kBN * D;  // a stage: its K tile, then its V tile
   T* sK = sQ + ROWS * D;               // [2][K, V][64][D]
   T* sV = sK + kBN * D;
-  float* sS_own = reinterpret_cast<float*>(sK + 2 * STAGE);  // [ds][D] (kFwdOwnStatesBuffer)
-  uint64_t* s_ready = reinterpret_cast<uint64_t*>(sS_own + (kFwdOwnStatesBuffer<D> ? D * D : 0));
+  float* sS_own = reinterpret_cast<float*>(sK + 2 * STAGE);  // [2][ds][D] (kFwdOwnStatesBuffer)
+  uint64_t* s_ready = reinterpret_cast<uint64_t*>(sS_own + (kOwn ? 2 * D * D : 0));  // [1 or 2]
 
-  const auto [bh, bi, hi, m0] = row_tile(p, ROWS);
   const int n = p.n, B = p.chunk, w = p.overlap;
   const int g = threadIdx.x / kThreads;  // this thread's warpgroup
   const int warp = threadIdx.x % kThreads / 32, lane = threadIdx.x % 32;
   const T* sQg = sQ + g * kBM * D;  // the warpgroup's 64 rows of Q
-  const int r0g = m0 + g * kBM;
-  const int tw = r0g + warp * 16;  // 16 | B, so a warp's rows share one chunk
-  const bool warp_ok = tw < n;
-  const int cw = min(tw, n - 1) / B;
-  const int lo_w = max(0, cw * B - w);
-  const int ra = tw + lane / 4;
-  // Keys [lo_g, hi_g) are the warpgroup's: it skips the tiles outside them (all masked).
-  const int lo_g = window_lo(min(r0g, n - 1), B, w), hi_g = min(n, r0g + kBM);
+  const int ntiles = cdiv(n, ROWS) * p.b * p.h;
+  // The chunks [c_first, c_last] that the rows of tile t meet, and the fp32 [ds][D] S_c of
+  // chunk c of that tile's head.
+  auto chunks_of = [&](int t, int& c_first, int& c_last) {
+    const int m0 = t % cdiv(n, ROWS) * ROWS;
+    c_first = m0 / B;
+    c_last = (min(n, m0 + ROWS) - 1) / B;
+  };
+  auto states_of = [&](int t, int c) {
+    return p.S + ((int64_t)(t / cdiv(n, ROWS)) * p.num_chunks + c) * p.ds * D;
+  };
+  const uint32_t states_bytes = p.ds * D * sizeof(float);
 
-  const T* kb = mma::head_ptr<T>(p.k, p.k_st, bi, hi);
-  const T* vb = mma::head_ptr<T>(p.v, p.v_st, bi, hi);
-  const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + ROWS);
-  const int nkv = cdiv(kv_hi - kv_lo, kBN);
-  // Where the S_c copies land: the own buffer, or the stage of key tile nkv - 2 (free from key
-  // tile nkv - 1 on; never used when nkv = 1).
-  float* sS = kFwdOwnStatesBuffer<D> ? sS_own : reinterpret_cast<float*>(sK + (nkv & 1) * STAGE);
-  const bool states_copy_at_start = kFwdOwnStatesBuffer<D> || nkv == 1;
-
-  const T* qb = mma::head_ptr<T>(p.q, p.q_st, bi, hi);
-#pragma unroll
-  for (int i = 0; i < WGS; ++i) load_tile<T, D, THREADS>(sQ + i * kBM * D, qb, p.q_st.n, m0 + i * kBM, n);
-  load_tile<T, D, THREADS>(sK, kb, p.k_st.n, kv_lo, n);
-  load_tile<T, D, THREADS>(sV, vb, p.v_st.n, kv_lo, n);
-  cp_async_commit();
-  const int c_first = m0 / B, c_last = (kv_hi - 1) / B;
-  // The head's retrieved states, fp32 [num_chunks][ds][D]; S_c is one [ds][D] block of it.
-  const float* S_head = p.S + (int64_t)bh * p.num_chunks * p.ds * D;
-  // One thread's bulk copy of chunk c's S_c into sS, completing on s_ready.
-  auto copy_states = [&](int c) {
-    bulk_copy_to_smem(sS, S_head + (int64_t)c * p.ds * D, p.ds * D * sizeof(float), s_ready);
+  // kOwn (D = 128, one CTA per SM): the CTA is persistent, tiles blockIdx.x, + gridDim.x, ...,
+  // so that a tile's S_c copies are issued while the tile before it computes: the S_c of the
+  // CTA's (tile, chunk) pairs stream through two buffers (copy k: buffer and mbarrier k % 2,
+  // phase k / 2 % 2), copy k + 2 issued as soon as copy k is split. Without it a CTA's loads
+  // and its compute did not overlap (one CTA per SM: 62% of DRAM bandwidth, Run 21). Thread 0
+  // keeps the cursor of the next copy to issue (t_next < ntiles while there is one).
+  int t_next = static_cast<int>(blockIdx.x), c_next = 0, c_next_last = 0;
+  int copies_used = 0;
+  auto issue_next_copy = [&](int k) {
+    if (t_next >= ntiles) return;
+    bulk_copy_to_smem(sS_own + (k & 1) * D * D, states_of(t_next, c_next), states_bytes,
+                      s_ready + (k & 1));
+    if (c_next < c_next_last) {
+      ++c_next;
+    } else {
+      t_next += gridDim.x;
+      if (t_next < ntiles) chunks_of(t_next, c_next, c_next_last);
+    }
   };
   if (threadIdx.x == 0) {
     mbar_init(s_ready);
-    if (states_copy_at_start) copy_states(c_first);
-  }
-  // A copy issued late (from the last key tile on) still finds its S_c in L2.
-  mma::prefetch_states<D, THREADS>(p, bh, c_first + kFwdOwnStatesBuffer<D>, c_last);
-
-  float o[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
-  const float sl2 = p.scale * kLog2e;
-
-  for (int j = 0; j < nkv; ++j) {
-    const int n0 = kv_lo + j * kBN;
-    if (!states_copy_at_start && j == nkv - 1 && threadIdx.x == 0) {
-      // the stage of tile j - 1: every read of it ended at that tile's closing barrier
-      copy_states(c_first);
+    if constexpr (kOwn) {
+      mbar_init(s_ready + 1);
+      chunks_of(t_next, c_next, c_next_last);
+      issue_next_copy(0);
+      issue_next_copy(1);
     }
-    kv_stage_ready<T, D, THREADS, STAGE>(p, sK, sV, kb, vb, j, nkv, n0);
-    const T* sKs = sK + (j & 1) * STAGE;
-    const T* sVs = sV + (j & 1) * STAGE;
-
-    if (r0g < n && n0 < hi_g && n0 + kBN > lo_g) {  // warpgroup-uniform
-      // S = Q K^T. A k step of 16 dims is 32 bytes along a swizzled row (2 in the descriptor's
-      // 16-byte units), 4 steps per 64-column block.
-      float s[kBN / 8][4];
-#pragma unroll
-      for (int i = 0; i < kBN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int blk = kk / 4, step = 2 * (kk % 4);
-        wgmma_ss<T>(acc64(s, 0), sw_desc(sQg + blk * kBM * 64) + step,
-                    sw_desc(sKs + blk * kBN * 64) + step);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(acc64(s, 0));
-
-      mma::softmax_tile(s, o, m_r, l_r, n0, ra, lo_w, n, sl2);
-      add_regs_times_tile<T, D>(o, s, sVs);  // O += P V
-    }
-    __syncthreads();  // every read of this stage is done before it is refilled
   }
 
-  mma::normalize_rows(o, l_r);
+  for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {  // one tile without kOwn (break below)
+    const auto [bh, bi, hi, m0] = row_tile(p, ROWS, t);
+    const int r0g = m0 + g * kBM;
+    const int tw = r0g + warp * 16;  // 16 | B, so a warp's rows share one chunk
+    const bool warp_ok = tw < n;
+    const int cw = min(tw, n - 1) / B;
+    const int lo_w = max(0, cw * B - w);
+    const int ra = tw + lane / 4;
+    // Keys [lo_g, hi_g) are the warpgroup's: it skips the tiles outside them (all masked).
+    const int lo_g = window_lo(min(r0g, n - 1), B, w), hi_g = min(n, r0g + kBM);
 
-  // Long-range term o += state_scale * qs S_c (mma::attn_fwd_kernel: S_c split hi + lo), with
-  // S_c (copied into sS) split into halves as swizzled [D][D] tiles, hi then lo: in the stage of
-  // the last key tile at D = 64, in both stages at 128; staged once for the CTA's warpgroups. A
-  // warpgroup issues the product for every chunk its rows meet (several when B is not a multiple
-  // of 64); a warp whose rows are in another chunk enters with A = 0.
-  {
-    const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
-    const T* qsb = mma::head_ptr<T>(p.qs, p.qs_st, bi, hi);
-    T* sHi = sK + (kFwdOwnStatesBuffer<D> ? 0 : ((nkv - 1) & 1) * STAGE);
-    T* sLo = sHi + D * D;
-    for (int c = c_first; c <= c_last; ++c) {
-      __syncthreads();
-      mbar_wait(s_ready, (c - c_first) & 1);
-      mma::stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
-          sHi, sLo, sS, ds, dsp, p.state_scale,
-          [](int r, int col) { return sw<D>(r, col / 8) + col % 8; });
-      fence_proxy_async();
-      __syncthreads();
-      if (threadIdx.x == 0 && c < c_last) {  // sS is read: fetch the next chunk's
-        copy_states(c + 1);
-      }
-      if (r0g >= min(n, (c + 1) * B) || hi_g <= c * B) continue;  // no row of it in chunk c
-      const bool mine = warp_ok && cw == c;
-      uint32_t a[D / 16][4];
+    const T* kb = mma::head_ptr<T>(p.k, p.k_st, bi, hi);
+    const T* vb = mma::head_ptr<T>(p.v, p.v_st, bi, hi);
+    const int kv_lo = window_lo(m0, B, w), kv_hi = min(n, m0 + ROWS);
+    const int nkv = cdiv(kv_hi - kv_lo, kBN);
+    // Without kOwn the S_c copies land in the stage of key tile nkv - 2 (free from key tile
+    // nkv - 1 on; never used when nkv = 1).
+    const bool states_copy_at_start = nkv == 1;
+
+    if (t != static_cast<int>(blockIdx.x)) __syncthreads();  // the tile before is done with sQ, sK
+    const T* qb = mma::head_ptr<T>(p.q, p.q_st, bi, hi);
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        if (p.qs_is_q) {  // the Q tile is still in shared memory (zero past n)
-          ldsm_x4(a[kk], sQg + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
-        } else {
-          mma::load_a_global(a[kk], qsb, p.qs_st.n, ra, kk * 16, n, ds);
+    for (int i = 0; i < WGS; ++i) {
+      load_tile<T, D, THREADS>(sQ + i * kBM * D, qb, p.q_st.n, m0 + i * kBM, n);
+    }
+    load_tile<T, D, THREADS>(sK, kb, p.k_st.n, kv_lo, n);
+    load_tile<T, D, THREADS>(sV, vb, p.v_st.n, kv_lo, n);
+    cp_async_commit();
+    int c_first, c_last;
+    chunks_of(t, c_first, c_last);
+    float* sS_stage = reinterpret_cast<float*>(sK + (nkv & 1) * STAGE);
+    // One thread's bulk copy of chunk c's S_c into the stage (without kOwn).
+    auto copy_states = [&](int c) {
+      bulk_copy_to_smem(sS_stage, states_of(t, c), states_bytes, s_ready);
+    };
+    if constexpr (!kOwn) {
+      if (threadIdx.x == 0 && states_copy_at_start) copy_states(c_first);
+    }
+    // A copy issued late (from the last key tile on) still finds its S_c in L2.
+    mma::prefetch_states<D, THREADS>(p, bh, c_first + (kOwn ? 1 : 0), c_last);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    const float sl2 = p.scale * kLog2e;
+
+    for (int j = 0; j < nkv; ++j) {
+      const int n0 = kv_lo + j * kBN;
+      if constexpr (!kOwn) {
+        if (!states_copy_at_start && j == nkv - 1 && threadIdx.x == 0) {
+          // the stage of tile j - 1: every read of it ended at that tile's closing barrier
+          copy_states(c_first);
         }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[kk][i] = mine ? a[kk][i] : 0u;
       }
-      with_static_count<D / 16>(dsp / 16, [&](auto k_steps) {  // the state dims, 16 per step
+      kv_stage_ready<T, D, THREADS, STAGE>(p, sK, sV, kb, vb, j, nkv, n0);
+      const T* sKs = sK + (j & 1) * STAGE;
+      const T* sVs = sV + (j & 1) * STAGE;
+
+      if (r0g < n && n0 < hi_g && n0 + kBN > lo_g) {  // warpgroup-uniform
+        // S = Q K^T. A k step of 16 dims is 32 bytes along a swizzled row (2 in the descriptor's
+        // 16-byte units), 4 steps per 64-column block.
+        float s[kBN / 8][4];
+#pragma unroll
+        for (int i = 0; i < kBN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
         wgmma_fence();
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb) {
-          const uint64_t hi_desc = sw_desc(sHi + nb * D * 64), lo_desc = sw_desc(sLo + nb * D * 64);
-#pragma unroll
-          for (int kk = 0; kk < k_steps; ++kk) {
-            wgmma_rs<T, true>(acc64(o, nb), a[kk], hi_desc + (2048 >> 4) * kk);
-            wgmma_rs<T, true>(acc64(o, nb), a[kk], lo_desc + (2048 >> 4) * kk);
-          }
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const int blk = kk / 4, step = 2 * (kk % 4);
+          wgmma_ss<T>(acc64(s, 0), sw_desc(sQg + blk * kBM * 64) + step,
+                      sw_desc(sKs + blk * kBN * 64) + step);
         }
         wgmma_commit();
-      });
-      wgmma_wait<0>();
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(o, nb));
-      fence_operands(a);
-    }
-  }
+        wgmma_wait<0>();
+        fence_operands(acc64(s, 0));
 
-  mma::store_rows<T>(p, o, m_r, l_r, bh, ra);
+        mma::softmax_tile(s, o, m_r, l_r, n0, ra, lo_w, n, sl2);
+        add_regs_times_tile<T, D>(o, s, sVs);  // O += P V
+      }
+      __syncthreads();  // every read of this stage is done before it is refilled
+    }
+
+    mma::normalize_rows(o, l_r);
+
+    // Long-range term o += state_scale * qs S_c (mma::attn_fwd_kernel: S_c split hi + lo), with
+    // S_c (copied into shared memory) split into halves as swizzled [D][D] tiles, hi then lo: in
+    // the stage of the last key tile at D = 64, in both stages at 128; staged once for the CTA's
+    // warpgroups. A warpgroup issues the product for every chunk its rows meet (several when B is
+    // not a multiple of 64); a warp whose rows are in another chunk enters with A = 0.
+    {
+      const int ds = p.ds, dsp = (ds + 15) / 16 * 16;
+      const T* qsb = mma::head_ptr<T>(p.qs, p.qs_st, bi, hi);
+      T* sHi = sK + (kOwn ? 0 : ((nkv - 1) & 1) * STAGE);
+      T* sLo = sHi + D * D;
+      for (int c = c_first; c <= c_last; ++c) {
+        __syncthreads();
+        const int k = copies_used++;
+        const float* sS = kOwn ? sS_own + (k & 1) * D * D : sS_stage;
+        mbar_wait(s_ready + (kOwn ? k & 1 : 0), kOwn ? (k >> 1) & 1 : (c - c_first) & 1);
+        mma::stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
+            sHi, sLo, sS, ds, dsp, p.state_scale,
+            [](int r, int col) { return sw<D>(r, col / 8) + col % 8; });
+        fence_proxy_async();
+        __syncthreads();
+        if (threadIdx.x == 0) {  // S_c is read: its buffer takes the next copy
+          if constexpr (kOwn) {
+            issue_next_copy(k);
+          } else if (c < c_last) {
+            copy_states(c + 1);
+          }
+        }
+        if (r0g >= min(n, (c + 1) * B) || hi_g <= c * B) continue;  // no row of it in chunk c
+        const bool mine = warp_ok && cw == c;
+        uint32_t a[D / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          if (p.qs_is_q) {  // the Q tile is still in shared memory (zero past n)
+            ldsm_x4(a[kk], sQg + sw<kBM>(warp * 16 + lane % 16, kk * 2 + lane / 16));
+          } else {
+            mma::load_a_global(a[kk], qsb, p.qs_st.n, ra, kk * 16, n, ds);
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[kk][i] = mine ? a[kk][i] : 0u;
+        }
+        with_static_count<D / 16>(dsp / 16, [&](auto k_steps) {  // the state dims, 16 per step
+          wgmma_fence();
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb) {
+            const uint64_t hi_desc = sw_desc(sHi + nb * D * 64);
+            const uint64_t lo_desc = sw_desc(sLo + nb * D * 64);
+#pragma unroll
+            for (int kk = 0; kk < k_steps; ++kk) {
+              wgmma_rs<T, true>(acc64(o, nb), a[kk], hi_desc + (2048 >> 4) * kk);
+              wgmma_rs<T, true>(acc64(o, nb), a[kk], lo_desc + (2048 >> 4) * kk);
+            }
+          }
+          wgmma_commit();
+        });
+        wgmma_wait<0>();
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) fence_operands(acc64(o, nb));
+        fence_operands(a);
+      }
+    }
+
+    mma::store_rows<T>(p, o, m_r, l_r, bh, ra);
+    if constexpr (!kOwn) break;
+  }
 #endif
 }
 

@@ -428,14 +428,16 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
-// Where a CTA of the row-tiled attention kernels works (blockIdx.x = bh * cdiv(n, rows) + tile):
-// head bh of the b * h heads (batch element bi, head hi), rows [m0, m0 + rows) of it.
+// Where a CTA of the row-tiled attention kernels works (index = bh * cdiv(n, rows) + tile; the
+// CTA's blockIdx.x unless the kernel is persistent): head bh of the b * h heads (batch element
+// bi, head hi), rows [m0, m0 + rows) of it.
 struct RowTile {
   int bh, bi, hi, m0;
 };
-__device__ __forceinline__ RowTile row_tile(const AttnParams& p, int rows) {
+__device__ __forceinline__ RowTile row_tile(const AttnParams& p, int rows,
+                                            int index = static_cast<int>(blockIdx.x)) {
   const int ntile = cdiv(p.n, rows);
-  const int tile = blockIdx.x % ntile, bh = blockIdx.x / ntile;
+  const int tile = index % ntile, bh = index / ntile;
   return {bh, bh / p.h, bh % p.h, tile * rows};
 }
 

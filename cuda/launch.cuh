@@ -3,8 +3,10 @@
 // instantiation files, each of which instantiates one launcher for one (dtype, head dim).
 #pragma once
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "attn_mma.cuh"
@@ -36,9 +38,21 @@ inline void launch_smem(Kernel kernel, unsigned grid, int threads, size_t smem,
 template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHasMma<T> && (D == 64 || D == 128)) {
     if (!p.simt && p.wgmma) {
-      constexpr int WGS = wg::kFwdWarpgroups<D>;
-      return launch_smem(wg::attn_fwd_kernel<T, D>, grid_rows(p, WGS * wg::kBM),
-                         WGS * wg::kThreads, wg::kSmemBytes<T, D>, stream, p);
+      constexpr int WGS = wg::kFwdWarpgroups<D>, THREADS = WGS * wg::kThreads;
+      constexpr size_t smem = wg::kSmemBytes<T, D>;
+      const auto kernel = wg::attn_fwd_kernel<T, D>;
+      unsigned grid = grid_rows(p, WGS * wg::kBM);
+      if constexpr (wg::kFwdOwnStatesBuffer<D>) {  // persistent: as many CTAs as fit at once
+        allow_dynamic_smem(kernel, smem);
+        static const int per_sm = [&] {
+          int blocks = 0;
+          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, THREADS, smem));
+          return std::max(blocks, 1);
+        }();
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        grid = std::min(grid, static_cast<unsigned>(per_sm * sms));
+      }
+      return launch_smem(kernel, grid, THREADS, smem, stream, p);
     }
   }
   if constexpr (kHasMma<T>) {

@@ -38,6 +38,24 @@ for dtype, d, n, B, w in [(torch.bfloat16, 64, 150, 48, 20), (torch.float32, 32,
     torch.cuda.synchronize()
     print(dtype, d, "ok", out.float().abs().mean().item(), [x.float().abs().mean().item() for x in grads])
 
+# The d = 128 forward is persistent: 426 tiles of 128 rows make each CTA (one per SM) walk
+# several, with several chunks of 48 per tile.
+for dtype in (torch.bfloat16, torch.float16):
+    b, h, n, d, ds, B, w = 2, 3, 9000, 128, 24, 48, 20
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+    qs = torch.randn(b, h, n, ds, device="cuda", dtype=dtype)
+    R = torch.randn(b, h, (n + B - 1) // B, ds, d, device="cuda")
+    try:
+        out, lse = ops._chunk_attention_fwd(q, k, v, qs, R, B, w, 1 / math.sqrt(d), 0.01)
+        out2, _ = ops._chunk_attention_fwd(q, k, v, q, torch.randn(b, h, R.shape[2], d, d, device="cuda"), B, w, 1 / math.sqrt(d), 0.01)
+    except (ValueError, TypeError) as e:
+        if "not compiled" not in str(e):
+            raise
+        print(dtype, d, "skipped:", e)
+        continue
+    torch.cuda.synchronize()
+    print(dtype, d, "persistent forward ok", out.float().abs().mean().item(), out2.float().abs().mean().item())
+
 # Decode ops: one step per row at mixed positions (first chunk, chunk boundary, later chunk).
 for dtype in (torch.bfloat16, torch.float32, torch.float16):
     b, h, d, ds, B, w, cap = 3, 2, 64, 32, 16, 5, 4

@@ -400,7 +400,7 @@ def test_mixing_cta_order(dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6]])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[6], (2, 3, 9000, 48, 20)])
 @pytest.mark.parametrize("state", ["separate", "q"])
 def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
     """On a compute capability 9.0 GPU the attention forward, dQ and dK/dV kernels at d = 64 / 128
@@ -408,7 +408,10 @@ def test_attention_on_wgmma(dtype, d, cfg, state, monkeypatch):
     GPU runs); here they must also agree with each other to a rounding of the dtype, for chunks
     narrower than the 64-row tile (B = 16: several chunks per tile), overlap, q_state = q (read
     from the Q tile) and a separate q_state with ds < d. At d = 128 the forward's CTA is two
-    warpgroups (128 rows): n = 300 with B = 256 leaves the last CTA's second warpgroup no rows."""
+    warpgroups (128 rows): n = 300 with B = 256 leaves the last CTA's second warpgroup no rows.
+    The d = 128 forward is persistent (one CTA per SM walks tiles blockIdx.x, + gridDim.x, ...,
+    its S_c copies streaming through two buffers): n = 9000 with 6 heads is 426 tiles of 128
+    rows, 3 or 4 per CTA on a GPU of 132 SMs, each meeting 3 or 4 chunks of 48."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma attention runs on compute capability 9.0 only")
     b, h, n, chunk, w = cfg
