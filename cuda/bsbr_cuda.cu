@@ -1053,10 +1053,11 @@ std::vector<HeadGroup> head_groups(int64_t b, int64_t h, int64_t C, int64_t stat
 }
 
 // What a head group of the fused backward leaves for the next one: whether its last kernel is
-// its Hopper dK/dV (or dQ/dK/dV), which the next group's chunk states may overlap (that kernel
-// calls pdl_launch_dependents; the two read nothing the other writes), and the tensors it
-// reads, kept allocated until the overlapping launch is issued: freed earlier, the caching
-// allocator could hand their memory to the next group's states while dK/dV still reads it.
+// its dK/dV (or dQ/dK/dV), which the next group's chunk states may overlap (the two read nothing
+// the other writes; the Hopper kernels call pdl_launch_dependents, the others never let the
+// next kernel start early), and the tensors it reads, kept allocated until the overlapping
+// launch is issued: freed earlier, the caching allocator could hand their memory to the next
+// group's states while dK/dV still reads it.
 struct GroupTail {
   bool overlappable = false;
   std::vector<Tensor> operands;
