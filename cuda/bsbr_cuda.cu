@@ -1052,12 +1052,14 @@ std::vector<HeadGroup> head_groups(int64_t b, int64_t h, int64_t C, int64_t stat
   return groups;
 }
 
-// What a head group of the fused backward leaves for the next one: whether its last kernel is
-// its dK/dV (or dQ/dK/dV), which the next group's chunk states may overlap (the two read nothing
-// the other writes; the Hopper kernels call pdl_launch_dependents, the others never let the
-// next kernel start early), and the tensors it reads, kept allocated until the overlapping
-// launch is issued: freed earlier, the caching allocator could hand their memory to the next
-// group's states while dK/dV still reads it.
+// What the kernel launched before a head group of the fused backward leaves for the group's
+// chunk states: whether they may overlap it (the two read nothing the other writes), and the
+// tensors it reads, kept allocated until the overlapping launch is issued: freed earlier, the
+// caching allocator could hand their memory to the states while that kernel still reads them.
+// Before the first group that kernel is probs_padded's (its `overlappable`; it reads the
+// caller's meta tensors); before a later one, the group before's dK/dV (or dQ/dK/dV), where
+// k_state is k (the Hopper kernels call pdl_launch_dependents, the others never let the next
+// kernel start early).
 struct GroupTail {
   bool overlappable = false;
   std::vector<Tensor> operands;
@@ -1067,9 +1069,8 @@ struct GroupTail {
 // the group's rows of the retrieval weights for the tensor-core path (overwritten here by
 // da = d(logits), from which the caller takes dmq and dmk for all groups at once), undefined for
 // the cuBLAS path (which writes dmq and dmk). dks is written unless fold_k (k_state is k: its
-// gradient is added into dk). after_probs: the caller's last launch computed P (states_impl).
-// tail: on entry the previous group's (empty for the first), released once this group's first
-// kernel is launched; on return this group's.
+// gradient is added into dk). tail: on entry what the kernel launched last left (GroupTail),
+// released once this group's first kernel is launched; on return this group's.
 // before_dkv (tensor-core path, may be empty) runs once the group's da is final, before dK/dV,
 // and returns whether dK/dV may overlap the kernel it launched last (AttnBackward::finish).
 void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -1077,13 +1078,13 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
                      const Tensor& k_state, const Tensor& out, const Tensor& lse, const Tensor& P,
                      int64_t chunk_size, int64_t chunk_overlap, double scale, double meta_scale,
                      double state_scale, const TokenGrads& g, const Tensor& dmq, const Tensor& dmk,
-                     const Tensor& dks, bool fold_k, bool after_probs, GroupTail& tail,
+                     const Tensor& dks, bool fold_k, GroupTail& tail,
                      const std::function<bool()>& before_dkv) {
   // Recompute the chunk states and the retrieval (cheap next to the attention). Two fp32 state
   // buffers in all: F (later overwritten by dF) and R (later by dR).
   // On the tensor-core path F and dR are split-bf16 words (the mixing's operand format).
   Tensor F = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/P.defined(),
-                         /*overlap_previous=*/after_probs || tail.overlappable);
+                         /*overlap_previous=*/tail.overlappable);
   tail = GroupTail();
   // The weights' planes serve both of the group's wgmma products (S = P F, dF = P^T dS).
   Tensor planes = P.defined() ? weight_planes(P, q.scalar_type()) : Tensor();
@@ -1175,7 +1176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
     return true;
   };
   const std::vector<HeadGroup> groups = head_groups(b, h, C, ds * d);
-  GroupTail tail;
+  GroupTail tail{overlappable, {}};  // the first group's states may overlap P's kernel
   for (const HeadGroup& hg : groups) {
     const bool whole = hg.nb == b && hg.nh == h;  // one group: no views to make (host time)
     auto part = [&](const Tensor& t) {
@@ -1186,9 +1187,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bsbr_attentio
     fused_bwd_group(part(grad_out), part(q), part(k), part(v), part(meta_q), part(meta_k),
                     part(q_state), part(k_state), part(out), part(lse), Pg, chunk_size,
                     chunk_overlap, scale, meta_scale, state_scale, g, part(dmq), part(dmk),
-                    fold_k ? dks : part(dks), fold_k, /*after_probs=*/overlappable, tail,
+                    fold_k ? dks : part(dks), fold_k, tail,
                     tc && &hg == &groups.back() ? std::function<bool()>(meta_grads) : nullptr);
-    overlappable = false;  // the first group's states kernel follows P's; the others do not
   }
   return {dq, dk, dv, dmq, dmk, dqs, dks};
 }

@@ -46,7 +46,8 @@ template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t
         allow_dynamic_smem(kernel, smem);
         static const int per_sm = [&] {
           int blocks = 0;
-          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, THREADS, smem));
+          C10_CUDA_CHECK(
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, THREADS, smem));
           return std::max(blocks, 1);
         }();
         const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
