@@ -107,7 +107,7 @@ __device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int 
 template <int D, int THREADS = kThreads>
 __device__ __forceinline__ void prefetch_states(const AttnParams& p, int bh, int c_first,
                                                 int c_last) {
-  const char* s0 = reinterpret_cast<const char*>(p.S + ((int64_t)bh * p.num_chunks + c_first) * p.ds * D);
+  const char* s0 = reinterpret_cast<const char*>(chunk_state<D>(p, bh, c_first));
   const int bytes = (c_last - c_first + 1) * p.ds * D * static_cast<int>(sizeof(float));
   for (int off = threadIdx.x * 128; off < bytes; off += THREADS * 128) prefetch_l2(s0 + off);
 }
@@ -402,8 +402,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kFwdMinBlocks) attn_fwd_kern
     const T* qsb = head_ptr<T>(p.qs, p.qs_st, bi, hi);
     for (int c = c_first; c <= c_last; ++c) {
       __syncthreads();
-      stage_split<T, D>(sHi, sLo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp,
-                        p.state_scale);
+      stage_split<T, D>(sHi, sLo, chunk_state<D>(p, bh, c), ds, dsp, p.state_scale);
       __syncthreads();
       if (warp_ok && cw == c) {
 #pragma unroll
@@ -928,7 +927,7 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
   cp_async_commit();
   const float mscale = kPrep ? p.state_scale : 1.f;
   stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
-      sMhi, sMlo, p.S + ((int64_t)bh * p.num_chunks + c) * ds * D, ds, dsp, mscale,
+      sMhi, sMlo, chunk_state<D>(p, bh, c), ds, dsp, mscale,
       [](int r, int col) { return r * SD + col; });
   cp_async_wait<0>();
   __syncthreads();

@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnParams p) {
   for (int e = 0; e < DP; ++e) acc[e] *= inv;
   // Long-range term, fp32 throughout.
   const int c = t / B;
-  const float* S = p.S + ((int64_t)bh * p.num_chunks + c) * p.ds * D;
+  const float* S = chunk_state<D>(p, bh, c);
   const T* qsr = row_ptr<T>(p.qs, p.qs_st, bi, hi, t);
   for (int kk = 0; kk < p.ds; ++kk) {
     const float a = to_f(qsr[kk]) * p.state_scale;

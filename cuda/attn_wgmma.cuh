@@ -173,15 +173,10 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   const int warp = threadIdx.x % kThreads / 32, lane = threadIdx.x % 32;
   const T* sQg = sQ + g * kBM * D;  // the warpgroup's 64 rows of Q
   const int ntiles = cdiv(n, ROWS) * p.b * p.h;
-  // The chunks [c_first, c_last] that the rows of tile t meet, and the fp32 [ds][D] S_c of
-  // chunk c of that tile's head.
-  auto chunks_of = [&](int t, int& c_first, int& c_last) {
-    const int m0 = t % cdiv(n, ROWS) * ROWS;
+  // The chunks [c_first, c_last] that rows [m0, m0 + ROWS) meet.
+  auto chunks_of = [&](int m0, int& c_first, int& c_last) {
     c_first = m0 / B;
     c_last = (min(n, m0 + ROWS) - 1) / B;
-  };
-  auto states_of = [&](int t, int c) {
-    return p.S + ((int64_t)(t / cdiv(n, ROWS)) * p.num_chunks + c) * p.ds * D;
   };
   const uint32_t states_bytes = p.ds * D * sizeof(float);
 
@@ -195,20 +190,20 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   int copies_used = 0;
   auto issue_next_copy = [&](int k) {
     if (t_next >= ntiles) return;
-    bulk_copy_to_smem(sS_own + (k & 1) * D * D, states_of(t_next, c_next), states_bytes,
-                      s_ready + (k & 1));
+    const float* S_c = chunk_state<D>(p, row_tile(p, ROWS, t_next).bh, c_next);
+    bulk_copy_to_smem(sS_own + (k & 1) * D * D, S_c, states_bytes, s_ready + (k & 1));
     if (c_next < c_next_last) {
       ++c_next;
     } else {
       t_next += gridDim.x;
-      if (t_next < ntiles) chunks_of(t_next, c_next, c_next_last);
+      if (t_next < ntiles) chunks_of(row_tile(p, ROWS, t_next).m0, c_next, c_next_last);
     }
   };
   if (threadIdx.x == 0) {
     mbar_init(s_ready);
     if constexpr (kOwn) {
       mbar_init(s_ready + 1);
-      chunks_of(t_next, c_next, c_next_last);
+      chunks_of(row_tile(p, ROWS, t_next).m0, c_next, c_next_last);
       issue_next_copy(0);
       issue_next_copy(1);
     }
@@ -243,11 +238,11 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
     load_tile<T, D, THREADS>(sV, vb, p.v_st.n, kv_lo, n);
     cp_async_commit();
     int c_first, c_last;
-    chunks_of(t, c_first, c_last);
+    chunks_of(m0, c_first, c_last);
     float* sS_stage = reinterpret_cast<float*>(sK + (nkv & 1) * STAGE);
     // One thread's bulk copy of chunk c's S_c into the stage (without kOwn).
     auto copy_states = [&](int c) {
-      bulk_copy_to_smem(sS_stage, states_of(t, c), states_bytes, s_ready);
+      bulk_copy_to_smem(sS_stage, chunk_state<D>(p, bh, c), states_bytes, s_ready);
     };
     if constexpr (!kOwn) {
       if (threadIdx.x == 0 && states_copy_at_start) copy_states(c_first);

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) states_bwd_kernel(AttnParams p) {
   const int t0 = c * p.chunk, t1 = min(p.n, t0 + p.chunk);
   const T* xb = static_cast<const T*>(p.qs) + bi * p.qs_st.b + hi * p.qs_st.h;
   const T* yb = static_cast<const T*>(p.v) + bi * p.v_st.b + hi * p.v_st.h;
-  const float* F = p.S + ((int64_t)bh * p.num_chunks + c) * ds * D;
+  const float* F = chunk_state<D>(p, bh, c);
   for (int idx = threadIdx.x; idx < ds * D; idx += kThreads) sF[(idx / D) * SP + idx % D] = F[idx];
   // 8 threads per token: thread j of a token owns output columns j, j+8, ...
   const int tok = threadIdx.x / 8, j = threadIdx.x % 8;
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) bwd_prep_kernel(AttnParams p) {
   const int c = blockIdx.x % p.num_chunks, bh = blockIdx.x / p.num_chunks;
   const int bi = bh / p.h, hi = bh % p.h;
   const int t0 = c * p.chunk, t1 = min(p.n, t0 + p.chunk);
-  const float* S = p.S + ((int64_t)bh * p.num_chunks + c) * ds * D;
+  const float* S = chunk_state<D>(p, bh, c);
   for (int idx = threadIdx.x; idx < ds * D; idx += kThreads) sS[(idx / D) * SP + idx % D] = S[idx];
   const T* dob = static_cast<const T*>(p.dout) + bi * p.dout_st.b + hi * p.dout_st.h;
   const T* ob = static_cast<const T*>(p.out) + bi * p.out_st.b + hi * p.out_st.h;

@@ -125,28 +125,36 @@ __device__ __forceinline__ void store_pair(T* dst, int64_t off, float v0, float 
   *reinterpret_cast<uint32_t*>(dst + off) = pack2<T>(v0, v1);
 }
 
-// Adds what a [rows, ld] output already holds to an mma accumulator fragment (fp32 sum before the
-// one rounding): acc[t][0..1] at row ra, acc[t][2..3] at row ra + 8, cols t * 8 + 2 * (lane % 4)
-// (+1); rows >= row_end and cols >= col_end are left alone. All loads are issued before any add:
-// a load placed after a store to the same array stays behind it, so loading inside the store
-// loop cost one memory round trip per pair. The read-only path is safe: only this thread writes
-// these elements, and only after this read.
-template <typename T, int NT>
-__device__ __forceinline__ void add_existing(float (&acc)[NT][4], const T* src, int64_t ld, int ra,
-                                             int row_end, int col_end) {
+// Calls f(i, t, offset) for each element pair of an mma accumulator fragment acc[NT][4] in a
+// [rows, ld] matrix: acc[t][2i], acc[t][2i + 1] at row ra + 8i, cols t * 8 + 2 * (lane % 4) (+1),
+// offset = row * ld + col; pairs at rows >= row_end or cols >= col_end are skipped.
+template <int NT, typename F>
+__device__ __forceinline__ void for_each_frag_pair(int64_t ld, int ra, int row_end, int col_end,
+                                                   F&& f) {
   const int lane = threadIdx.x % 32;
-  uint32_t old[2][NT];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = ra + 8 * i;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       const int col = t * 8 + (lane % 4) * 2;
-      old[i][t] = row < row_end && col < col_end
-                      ? __ldg(reinterpret_cast<const unsigned int*>(src + (int64_t)row * ld + col))
-                      : 0u;
+      if (row < row_end && col < col_end) f(i, t, (int64_t)row * ld + col);
     }
   }
+}
+
+// Adds what a [rows, ld] output already holds to an mma accumulator fragment (fp32 sum before the
+// one rounding), in for_each_frag_pair's layout; pairs it skips are left alone. All loads are issued before any add:
+// a load placed after a store to the same array stays behind it, so loading inside the store
+// loop cost one memory round trip per pair. The read-only path is safe: only this thread writes
+// these elements, and only after this read.
+template <typename T, int NT>
+__device__ __forceinline__ void add_existing(float (&acc)[NT][4], const T* src, int64_t ld, int ra,
+                                             int row_end, int col_end) {
+  uint32_t old[2][NT] = {};
+  for_each_frag_pair<NT>(ld, ra, row_end, col_end, [&](int i, int t, int64_t offset) {
+    old[i][t] = __ldg(reinterpret_cast<const unsigned int*>(src + offset));
+  });
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -157,24 +165,14 @@ __device__ __forceinline__ void add_existing(float (&acc)[NT][4], const T* src, 
     }
 }
 
-// Stores an mma accumulator fragment, rounded to T, into a [rows, ld] output, in add_existing's
-// layout: acc[t][0..1] at row ra, acc[t][2..3] at row ra + 8, cols t * 8 + 2 * (lane % 4) (+1);
-// rows >= row_end and cols >= col_end are left alone.
+// Stores an mma accumulator fragment, rounded to T, into a [rows, ld] output, in
+// for_each_frag_pair's layout; pairs it skips are left alone.
 template <typename T, int NT>
 __device__ __forceinline__ void store_frag(T* dst, const float (&acc)[NT][4], int64_t ld, int ra,
                                            int row_end, int col_end) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = ra + 8 * i;
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const int col = t * 8 + (lane % 4) * 2;
-      if (row < row_end && col < col_end) {
-        store_pair<T>(dst, (int64_t)row * ld + col, acc[t][2 * i], acc[t][2 * i + 1]);
-      }
-    }
-  }
+  for_each_frag_pair<NT>(ld, ra, row_end, col_end, [&](int i, int t, int64_t offset) {
+    store_pair<T>(dst, offset, acc[t][2 * i], acc[t][2 * i + 1]);
+  });
 }
 
 // Split-bf16 words. An fp32 value x is kept as hi = bf16(x) (low 16 bits) and lo = bf16(x - hi)
@@ -439,6 +437,13 @@ __device__ __forceinline__ RowTile row_tile(const AttnParams& p, int rows,
   const int ntile = cdiv(p.n, rows);
   const int tile = index % ntile, bh = index / ntile;
   return {bh, bh / p.h, bh % p.h, tile * rows};
+}
+
+// The fp32 [ds][D] state of chunk c of head bh in p.S (the retrieved states, chunk states or
+// their gradients, by kernel).
+template <int D>
+__device__ __forceinline__ const float* chunk_state(const AttnParams& p, int bh, int c) {
+  return p.S + ((int64_t)bh * p.num_chunks + c) * p.ds * D;
 }
 
 // First token of the local window of token t: max(0, chunk(t)*B - w).
