@@ -554,6 +554,39 @@ bool use_tc_mix(const Tensor& q, const Tensor& meta_q) {
 
 int64_t pad4(int64_t x) { return (x + 3) / 4 * 4; }
 
+// Whether the meta-probs kernel (meta_probs.cuh) computes the retrieval weights of these meta
+// tensors: fp16 / bf16 of one dtype, a meta dim it covers.
+bool probs_kernel_applies(const Tensor& meta_q, const Tensor& meta_k) {
+  const at::ScalarType st = meta_q.scalar_type();
+  return (st == at::kHalf || st == at::kBFloat16) && meta_k.scalar_type() == st &&
+         mix::meta_probs_supported(static_cast<int>(meta_q.size(3)));
+}
+
+// The meta-probs kernel into `out`, from the meta tensors as they are (no fp32 copies, no logits
+// buffer); for probs_kernel_applies meta tensors of at least one row. `overlappable` as in
+// probs_padded.
+void launch_probs_kernel(const Tensor& meta_q, const Tensor& meta_k, double meta_scale,
+                         const mix::ProbsOut& out, bool* overlappable) {
+  Tensor mq = meta_q.contiguous(), mk = meta_k.contiguous();
+  if (reinterpret_cast<uintptr_t>(mq.data_ptr()) % 16 != 0) mq = mq.clone();  // 16-byte loads
+  if (reinterpret_cast<uintptr_t>(mk.data_ptr()) % 16 != 0) mk = mk.clone();
+  const float sl2 = static_cast<float>(meta_scale) * kLog2e;
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    mix::launch_meta_probs<T>(reinterpret_cast<const T*>(mq.data_ptr()),
+                              reinterpret_cast<const T*>(mk.data_ptr()), out,
+                              meta_q.size(0) * meta_q.size(1), static_cast<int>(meta_q.size(2)),
+                              static_cast<int>(meta_q.size(3)), sl2,
+                              at::cuda::getCurrentCUDAStream());
+  };
+  if (meta_q.scalar_type() == at::kHalf) {
+    launch(__half{});
+  } else {
+    launch(__nv_bfloat16{});
+  }
+  if (overlappable != nullptr) *overlappable = mq.is_same(meta_q) && mk.is_same(meta_k);
+}
+
 // P = masked softmax of meta_scale * mq mk^T as [b*h, C, Cp] split-bf16 words (the tensor-core
 // mixing's operand format), Cp = C rounded up to 4; the padding columns and j >= c hold zeros.
 // `overlappable` (if given) tells whether the next kernel may overlap the last one launched here
@@ -563,36 +596,19 @@ int64_t pad4(int64_t x) { return (x + 3) / 4 * 4; }
 Tensor probs_padded(const Tensor& meta_q, const Tensor& meta_k, double meta_scale,
                     bool* overlappable = nullptr) {
   if (overlappable != nullptr) *overlappable = false;
-  const int64_t bh = meta_q.size(0) * meta_q.size(1), C = meta_q.size(2), dm = meta_q.size(3);
+  const int64_t bh = meta_q.size(0) * meta_q.size(1), C = meta_q.size(2);
   const int64_t Cp = pad4(C), rows = bh * C;
   Tensor P = at::empty({bh, C, Cp}, meta_q.options().dtype(at::kFloat));
   if (rows == 0) return P;
-  const float sl2 = static_cast<float>(meta_scale) * kLog2e;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const at::ScalarType st = meta_q.scalar_type();
-  if ((st == at::kHalf || st == at::kBFloat16) && meta_k.scalar_type() == st &&
-      mix::meta_probs_supported(static_cast<int>(dm))) {
-    // One tensor-core kernel from the meta tensors as they are (no fp32 copies, no logits buffer).
-    Tensor mq = meta_q.contiguous(), mk = meta_k.contiguous();
-    if (reinterpret_cast<uintptr_t>(mq.data_ptr()) % 16 != 0) mq = mq.clone();  // 16-byte loads
-    if (reinterpret_cast<uintptr_t>(mk.data_ptr()) % 16 != 0) mk = mk.clone();
-    auto launch = [&](auto tag) {
-      using T = decltype(tag);
-      mix::launch_meta_probs<T>(reinterpret_cast<const T*>(mq.data_ptr()),
-                                reinterpret_cast<const T*>(mk.data_ptr()), P.data_ptr<float>(), bh,
-                                static_cast<int>(C), static_cast<int>(Cp), static_cast<int>(dm),
-                                sl2, stream);
-    };
-    if (st == at::kHalf) {
-      launch(__half{});
-    } else {
-      launch(__nv_bfloat16{});
-    }
-    if (overlappable != nullptr) {
-      *overlappable = mq.is_same(meta_q) && mk.is_same(meta_k);
-    }
+  if (probs_kernel_applies(meta_q, meta_k)) {
+    mix::ProbsOut out;
+    out.words = reinterpret_cast<uint32_t*>(P.data_ptr<float>());
+    out.ld = static_cast<int>(Cp);
+    launch_probs_kernel(meta_q, meta_k, meta_scale, out, overlappable);
     return P;
   }
+  const float sl2 = static_cast<float>(meta_scale) * kLog2e;
+  auto stream = at::cuda::getCurrentCUDAStream();
   // fp32 or mixed-dtype meta tensors, or a meta dim the kernel does not cover: fp32 logits
   // through cuBLAS, then the masked softmax.
   Tensor logits = at::matmul(meta_q.to(at::kFloat), meta_k.to(at::kFloat).transpose(-1, -2))
@@ -657,34 +673,67 @@ __global__ void p_planes_kernel(const uint32_t* __restrict__ P, __nv_bfloat16* _
   }
 }
 
-// The weights P (split words [bh, C, Cp]) as the wgmma mixing reads them: bf16 planes
-// [1 or 2, bh * C, ldp] of their hi halves, and their lo halves unless the outputs are bf16 (P
-// then enters at bf16 precision, its hi half only: retrieval_mma.cuh). Undefined where the mixing
-// runs on mma.sync, which reads the words.
+// The weights P of bh heads with C chunks as the wgmma mixing reads them: bf16 planes
+// [1 or 2, bh * C, ldp] (ldp = C rounded up to 8) of their split words' hi halves, and their lo
+// halves unless the outputs are bf16 (P then enters at bf16 precision, its hi half only:
+// retrieval_mma.cuh); zero in the padding columns. Uninitialised here.
+Tensor empty_planes(int64_t bh, int64_t C, at::ScalarType out_dtype, const at::TensorOptions& opts) {
+  const bool hi_only = out_dtype == at::kBFloat16;
+  return at::empty({hi_only ? 1 : 2, bh * C, (C + 7) / 8 * 8}, opts.dtype(at::kBFloat16));
+}
+
+// The planes' hi and lo halves (lo null for hi-only planes).
+std::pair<__nv_bfloat16*, __nv_bfloat16*> plane_ptrs(const Tensor& planes) {
+  auto* hi = reinterpret_cast<__nv_bfloat16*>(planes.data_ptr());
+  return {hi, planes.size(0) == 2 ? hi + planes.stride(0) : nullptr};
+}
+
+// The weights P (split words [bh, C, Cp]) as empty_planes; undefined where the mixing runs on
+// mma.sync, which reads the words.
 Tensor weight_planes(const Tensor& P, at::ScalarType out_dtype) {
   if (!use_wgmma_mix()) return Tensor();
-  const int64_t rows = P.size(0) * P.size(1), Cp = P.size(2), ldp = (P.size(1) + 7) / 8 * 8;
-  const bool hi_only = out_dtype == at::kBFloat16;
-  Tensor planes = at::empty({hi_only ? 1 : 2, rows, ldp}, P.options().dtype(at::kBFloat16));
-  auto* hi = reinterpret_cast<__nv_bfloat16*>(planes.data_ptr());
+  Tensor planes = empty_planes(P.size(0), P.size(1), out_dtype, P.options());
+  const int64_t rows = planes.size(1), ldp = planes.size(2);
+  const auto [hi, lo] = plane_ptrs(planes);
   const int64_t quads = rows * (ldp / 4);
   if (quads > 0) {
     p_planes_kernel<<<static_cast<unsigned>((quads + 255) / 256), 256, 0,
                       at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const uint32_t*>(P.data_ptr<float>()), hi,
-        hi_only ? nullptr : hi + rows * ldp, rows, static_cast<int>(Cp), static_cast<int>(ldp));
+        reinterpret_cast<const uint32_t*>(P.data_ptr<float>()), hi, lo, rows,
+        static_cast<int>(P.size(2)), static_cast<int>(ldp));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return planes;
 }
 
+// The retrieval weights straight into the wgmma mixing's planes (weight_planes(probs_padded(..),
+// out_dtype), bit for bit), for the forward, which needs nothing else of them: where the
+// meta-probs kernel applies it writes the planes, and the split words and the pass that regroups
+// them are skipped. `overlappable` as in probs_padded.
+Tensor probs_planes(const Tensor& meta_q, const Tensor& meta_k, double meta_scale,
+                    at::ScalarType out_dtype, bool* overlappable) {
+  *overlappable = false;
+  const int64_t bh = meta_q.size(0) * meta_q.size(1), C = meta_q.size(2);
+  if (!probs_kernel_applies(meta_q, meta_k)) {
+    return weight_planes(probs_padded(meta_q, meta_k, meta_scale), out_dtype);
+  }
+  Tensor planes = empty_planes(bh, C, out_dtype, meta_q.options());
+  if (bh * C == 0) return planes;
+  mix::ProbsOut out;
+  std::tie(out.hi, out.lo) = plane_ptrs(planes);
+  out.ld = static_cast<int>(planes.size(2));
+  launch_probs_kernel(meta_q, meta_k, meta_scale, out, overlappable);
+  return planes;
+}
+
 // out = P F (mode 0) or P^T F (mode 1): P and F hold split-bf16 words, out is fp32; F and out
-// are contiguous [bh, C, X]. For bf16 outputs (out_dtype) P enters at bf16 precision, its hi
-// half only (retrieval_mma.cuh: a third fewer MMAs). planes (weight_planes(P, out_dtype)): the
-// wgmma mixing (retrieval_wgmma.cuh); undefined: mma.sync.
+// are contiguous [b, h, C, ds, d] (X = ds * d). For bf16 outputs (out_dtype) P enters at bf16
+// precision, its hi half only (retrieval_mma.cuh: a third fewer MMAs). planes (weight_planes(P,
+// out_dtype)): the wgmma mixing (retrieval_wgmma.cuh), which reads nothing else of P (P may be
+// undefined); undefined: mma.sync.
 void mix_states(int mode, const Tensor& P, const Tensor& planes, const Tensor& F,
                 const Tensor& out, at::ScalarType out_dtype) {
-  const int64_t bh = P.size(0), C = P.size(1), Cp = P.size(2);
+  const int64_t bh = F.size(0) * F.size(1), C = F.size(2);
   const int64_t X = F.numel() / std::max<int64_t>(bh * C, 1);
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool p_hi_only = out_dtype == at::kBFloat16;
@@ -705,8 +754,7 @@ void mix_states(int mode, const Tensor& P, const Tensor& planes, const Tensor& F
     TORCH_INTERNAL_ASSERT(planes.size(0) == (p_hi_only ? 1 : 2) && planes.size(1) == bh * C);
     mix::MixTParams mp;
     mp.W = F.data_ptr<float>();
-    mp.p_hi = reinterpret_cast<const __nv_bfloat16*>(planes.data_ptr());
-    mp.p_lo = p_hi_only ? nullptr : mp.p_hi + planes.stride(0);
+    std::tie(mp.p_hi, mp.p_lo) = plane_ptrs(planes);
     mp.O = out.data_ptr<float>();
     mp.C = static_cast<int>(C), mp.X = static_cast<int>(X);
     mp.ldp = static_cast<int>(planes.size(2)), mp.bh = static_cast<int>(bh);
@@ -716,6 +764,7 @@ void mix_states(int mode, const Tensor& P, const Tensor& planes, const Tensor& F
     });
     return;
   }
+  const int64_t Cp = P.size(2);
   mix::MixParams mp = mix_params(bh, C);
   mp.A = P.data_ptr<float>(), mp.a_bh = C * Cp, mp.lda = static_cast<int>(Cp);
   mp.a_rows = static_cast<int>(C), mp.a_cols = static_cast<int>(Cp);
@@ -731,11 +780,11 @@ void mix_states(int mode, const Tensor& P, const Tensor& planes, const Tensor& F
 }
 
 // The retrieved states R = P F (fp32) of the fused op with outputs of out_dtype: on tensor cores
-// when the padded weights P are given (use_tc_mix; P and F then hold split-bf16 words; planes as
-// in mix_states), else through the cuBLAS retrieval from the meta tensors.
+// when the padded weights P or their planes are given (use_tc_mix; F then holds split-bf16
+// words; P and planes as in mix_states), else through the cuBLAS retrieval from the meta tensors.
 Tensor retrieve(const Tensor& F, const Tensor& P, const Tensor& planes, const Tensor& meta_q,
                 const Tensor& meta_k, double meta_scale, at::ScalarType out_dtype) {
-  if (!P.defined()) return block_retrieval_fwd(meta_q, meta_k, F, meta_scale);
+  if (!P.defined() && !planes.defined()) return block_retrieval_fwd(meta_q, meta_k, F, meta_scale);
   Tensor R = at::empty_like(F, at::MemoryFormat::Contiguous);
   mix_states(0, P, planes, F, R, out_dtype);
   return R;
@@ -1014,12 +1063,17 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
   Tensor R;
   {  // the chunk states die before the attention allocates its output (lower peak)
     const bool tc = use_tc_mix(q, meta_q);
-    // The weights first: the chunk states, which do not read them, overlap their kernel.
+    // The weights first: the chunk states, which do not read them, overlap their kernel. The
+    // wgmma mixing needs only their planes; mma.sync reads the split words.
+    const bool wgmma = tc && use_wgmma_mix();
     bool overlappable = false;
-    const Tensor P = tc ? probs_padded(meta_q, meta_k, meta_scale, &overlappable) : Tensor();
+    const Tensor P =
+        tc && !wgmma ? probs_padded(meta_q, meta_k, meta_scale, &overlappable) : Tensor();
+    const Tensor planes =
+        wgmma ? probs_planes(meta_q, meta_k, meta_scale, q.scalar_type(), &overlappable)
+              : Tensor();
     Tensor states = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/tc,
                                 /*overlap_previous=*/overlappable);
-    const Tensor planes = tc ? weight_planes(P, q.scalar_type()) : Tensor();
     R = retrieve(states, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
   }
   return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);

@@ -1,8 +1,8 @@
 // Retrieval weights of the fused op on tensor cores (mma.sync m16n8k16, fp32 accumulate):
 //   P[bh, c, j] = softmax_{j<c}(meta_scale * <mq[bh, c], mk[bh, j]>)   for j < c,
 //   P[bh, c, j] = 0 for j >= c (row c = 0 is all zeros) and in the padding columns [C, ldp).
-// mq, mk: contiguous [bh, C, dm] fp16/bf16; P: [bh, C, ldp] of split-bf16 words (split_word in
-// kernel_utils.cuh), the form the tensor-core mixing reads, so no later pass re-splits P.
+// mq, mk: contiguous [bh, C, dm] fp16/bf16. P is written in one of the tensor-core mixing's
+// operand forms (ProbsOut), so no later pass re-splits it.
 // A CTA of 4 warps owns 64 rows c of one head (16 per warp, FlashAttention-style: the mq tile is
 // the A operand, mk streams through a 2-stage cp.async pipeline in tiles of up to 256 rows j,
 // each used as sub-tiles of 64: the kernel is latency-bound, 8 CTAs of one head's C = 512 rows
@@ -55,13 +55,25 @@ __device__ __forceinline__ void load_rows(T* s, const T* base, int r0, int n, in
 
 }  // namespace meta
 
-// P must be 16-byte aligned (ldp % 4 == 0 keeps every row so): the zero tail uses 16-byte stores.
+// Where meta_probs_mma_kernel writes P: split-bf16 words [bh, C, ld] (split_word in
+// kernel_utils.cuh; what the mma.sync mixing and the backward read), or, when words is null,
+// bf16 planes [bh * C, ld] of the words' hi halves and, unless lo is null, their lo halves (what
+// the wgmma mixing reads: the forward then needs neither the words nor a pass that regroups them).
+struct ProbsOut {
+  uint32_t* words = nullptr;
+  __nv_bfloat16* hi = nullptr;
+  __nv_bfloat16* lo = nullptr;
+  int ld = 0;
+};
+
+// Every row of P starts 16-byte aligned (ld % 4 == 0 for words, % 8 for planes): the zero tail
+// uses 16-byte stores.
 // The A fragments of the warp's 16 mq rows stay in registers for the whole kernel (DMP / 4 regs,
 // 64 at DMP = 256): reloading them per k step would add a fifth ldmatrix to every four.
 template <typename T, int DMP>
 __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
     meta_probs_mma_kernel(const T* __restrict__ mq, const T* __restrict__ mk,
-                          float* __restrict__ P, int C, int ldp, int dm, float scale_log2) {
+                          ProbsOut out, int C, int dm, float scale_log2) {
   constexpr int SD = meta::Cfg<DMP>::SD, BM = meta::kRows, BN = meta::kCols;
   constexpr int BL = meta::Cfg<DMP>::kLoadRows;
   constexpr int NT = BN / 8, KT = DMP / 16;
@@ -81,7 +93,8 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
   const int ra = rw + lane / 4, rbw = ra + 8;  // accumulator rows g and g + 8
   const T* qb = mq + bh * C * dm;
   const T* kb = mk + bh * C * dm;
-  uint32_t* Pw = reinterpret_cast<uint32_t*>(P) + bh * C * ldp;
+  const int ldp = out.ld;
+  const int64_t p_head = bh * C * ldp;  // offset of this head's rows in out's arrays
   // The fused op launches the chunk-states kernel next, which does not read P, to overlap this
   // latency-bound kernel (one CTA per SM at 64k) from its start.
   pdl_launch_dependents();
@@ -98,10 +111,17 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
   // now, while the first tiles are in flight.
   if (warp_ok) {
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const int step = out.words != nullptr ? 4 : 8;  // columns per 16-byte store
     for (int r = rw; r < min(rw + 16, C); ++r) {
-      uint32_t* row = Pw + (int64_t)r * ldp;
-      for (int col = r0 + BN + lane * 4; col < ldp; col += 32 * 4)
-        *reinterpret_cast<uint4*>(row + col) = zero;
+      const int64_t row = p_head + (int64_t)r * ldp;
+      for (int col = r0 + BN + lane * step; col < ldp; col += 32 * step) {
+        if (out.words != nullptr) {
+          *reinterpret_cast<uint4*>(out.words + row + col) = zero;
+        } else {
+          *reinterpret_cast<uint4*>(out.hi + row + col) = zero;
+          if (out.lo != nullptr) *reinterpret_cast<uint4*>(out.lo + row + col) = zero;
+        }
+      }
     }
   }
 
@@ -198,14 +218,21 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
         for (int i = 0; i < 2; ++i) {
           const int row = i == 0 ? ra : rbw;
           if (row < C) {
-            uint32_t* prow = Pw + (int64_t)row * ldp;
+            const int64_t prow = p_head + (int64_t)row * ldp;
 #pragma unroll
             for (int jj = 0; jj < NT; ++jj) {
               const int col = j0 + jj * 8 + (lane % 4) * 2;
               if (col < ldp) {
-                const float p0 = exp2f(s[jj][2 * i] - mu[i]) * inv[i];
-                const float p1 = exp2f(s[jj][2 * i + 1] - mu[i]) * inv[i];
-                *reinterpret_cast<uint2*>(prow + col) = make_uint2(split_word(p0), split_word(p1));
+                const uint32_t w0 = split_word(exp2f(s[jj][2 * i] - mu[i]) * inv[i]);
+                const uint32_t w1 = split_word(exp2f(s[jj][2 * i + 1] - mu[i]) * inv[i]);
+                if (out.words != nullptr) {
+                  *reinterpret_cast<uint2*>(out.words + prow + col) = make_uint2(w0, w1);
+                } else {
+                  uint32_t hi, lo;
+                  regroup_words(w0, w1, hi, lo);
+                  *reinterpret_cast<uint32_t*>(out.hi + prow + col) = hi;
+                  if (out.lo != nullptr) *reinterpret_cast<uint32_t*>(out.lo + prow + col) = lo;
+                }
               }
             }
           }
@@ -220,33 +247,35 @@ __global__ void __launch_bounds__(meta::kThreads, meta::Cfg<DMP>::kMinBlocks)
 inline bool meta_probs_supported(int dm) { return dm >= 8 && dm <= 256 && dm % 8 == 0; }
 
 template <typename T, int DMP>
-inline void launch_meta_probs_dmp(const T* mq, const T* mk, float* P, int64_t bh, int C, int ldp,
+inline void launch_meta_probs_dmp(const T* mq, const T* mk, const ProbsOut& out, int64_t bh, int C,
                                   int dm, float scale_log2, cudaStream_t stream) {
   const size_t smem = meta::Cfg<DMP>::kSmemElems * sizeof(T);
   auto kernel = meta_probs_mma_kernel<T, DMP>;
   allow_dynamic_smem(kernel, smem);
   const int64_t blocks = bh * cdiv(C, meta::kRows);  // <= b*h*n/16 < 2^31 (check_sizes)
-  kernel<<<static_cast<unsigned>(blocks), meta::kThreads, smem, stream>>>(mq, mk, P, C, ldp, dm,
+  kernel<<<static_cast<unsigned>(blocks), meta::kThreads, smem, stream>>>(mq, mk, out, C, dm,
                                                                          scale_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // mq, mk: contiguous [bh, C, dm], 16-byte aligned, dm % 8 == 0, 8 <= dm <= 256.
-// P: [bh, C, ldp] split-bf16 words, 16-byte aligned, ldp >= C, ldp % 4 == 0.
+// out (ProbsOut): 16-byte aligned arrays, out.ld >= C, a multiple of 4 (words) or 8 (planes).
 // scale_log2 = meta_scale * log2(e).
 template <typename T>
-void launch_meta_probs(const T* mq, const T* mk, float* P, int64_t bh, int C, int ldp, int dm,
+void launch_meta_probs(const T* mq, const T* mk, const ProbsOut& out, int64_t bh, int C, int dm,
                        float scale_log2, cudaStream_t stream) {
-  TORCH_INTERNAL_ASSERT(meta_probs_supported(dm) && ldp >= C && ldp % 4 == 0);
+  TORCH_INTERNAL_ASSERT(meta_probs_supported(dm) && out.ld >= C &&
+                        out.ld % (out.words != nullptr ? 4 : 8) == 0 &&
+                        (out.words != nullptr || out.hi != nullptr));
   if (bh == 0 || C == 0) return;
   if (dm <= 32) {
-    launch_meta_probs_dmp<T, 32>(mq, mk, P, bh, C, ldp, dm, scale_log2, stream);
+    launch_meta_probs_dmp<T, 32>(mq, mk, out, bh, C, dm, scale_log2, stream);
   } else if (dm <= 64) {
-    launch_meta_probs_dmp<T, 64>(mq, mk, P, bh, C, ldp, dm, scale_log2, stream);
+    launch_meta_probs_dmp<T, 64>(mq, mk, out, bh, C, dm, scale_log2, stream);
   } else if (dm <= 128) {
-    launch_meta_probs_dmp<T, 128>(mq, mk, P, bh, C, ldp, dm, scale_log2, stream);
+    launch_meta_probs_dmp<T, 128>(mq, mk, out, bh, C, dm, scale_log2, stream);
   } else {
-    launch_meta_probs_dmp<T, 256>(mq, mk, P, bh, C, ldp, dm, scale_log2, stream);
+    launch_meta_probs_dmp<T, 256>(mq, mk, out, bh, C, dm, scale_log2, stream);
   }
 }
 

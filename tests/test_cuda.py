@@ -364,14 +364,19 @@ def test_retrieval_mixing_on_wgmma(monkeypatch):
             out, lse = ops._bsbr_attention_fwd(q, k, v, mq, mk, qs, ks, chunk, 0, scale, ms, ss)
             ops._bsbr_attention_bwd(out, q, k, v, mq, mk, qs, ks, out, lse, chunk, 0, scale, ms, ss)
             torch.cuda.synchronize()
-        return [e.name for e in prof.events() if "mix::" in e.name and "kernel" in e.name]
+        names = [e.name for e in prof.events() if "kernel" in e.name]
+        return [x for x in names if "mix::" in x], sum("p_planes_kernel" in x for x in names)
 
-    names = mixing_kernels()
+    names, regroupings = mixing_kernels()
     assert sum("mix_t_wgmma_kernel" in x for x in names) == 3, names  # S twice (fwd, bwd), dF once
     assert sum("scores_wgmma_kernel" in x for x in names) == 1, names
+    # The forward's weights kernel writes the wgmma planes itself; only the backward, which also
+    # needs P's split words, regroups words into planes (one head group here).
+    assert regroupings == 1
     monkeypatch.setenv("BSBR_MIX_WGMMA", "0")
-    names = mixing_kernels()
+    names, regroupings = mixing_kernels()
     assert names and not any("wgmma" in x for x in names), names
+    assert regroupings == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
