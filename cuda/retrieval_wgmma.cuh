@@ -7,10 +7,11 @@
 // The states (F, dS: split words, [C][X] per head, X = ds * d) are the A operand: each thread
 // turns the two words of a k pair into its hi and lo operand registers with two byte permutes,
 // and a wgmma takes A from registers. The weights enter as bf16 planes of P's hi (and lo) halves
-// (p_planes_kernel, bsbr_cuda.cu), copied by cp.async straight into wgmma's 128-byte swizzled
-// layout. (The previous kernel had P as the register operand and split every stage's F tile into
-// hi and lo planes in shared memory, between two barriers: its stalls were those barriers and
-// shared-memory waits, and it moved P's unused lo halves through L2.)
+// (written by the weights kernel in the forward, by p_planes_kernel from P's split words in the
+// backward: bsbr_cuda.cu, weight_planes), copied by cp.async straight into wgmma's 128-byte
+// swizzled layout. (The previous kernel had P as the register operand and split every stage's
+// F tile into hi and lo planes in shared memory, between two barriers: its stalls were those
+// barriers and shared-memory waits, and it moved P's unused lo halves through L2.)
 //
 // A CTA (two warpgroups) owns 128 x (rows of the state, x) by 128 output chunks (c in mode 0, j in
 // mode 1): x is the wgmma's M, the chunks its N (two 64-wide blocks), the reduction runs over
@@ -36,7 +37,7 @@ namespace mix {
 
 struct MixTParams {
   const float* W = nullptr;            // split words [bh][C][X]: F (mode 0) or dS (mode 1)
-  const __nv_bfloat16* p_hi = nullptr;  // hi halves of P [bh][C][ldp] (p_planes_kernel)
+  const __nv_bfloat16* p_hi = nullptr;  // hi halves of P [bh][C][ldp] (weight_planes)
   const __nv_bfloat16* p_lo = nullptr;  // lo halves of P, same layout (kALo only)
   float* O = nullptr;                   // [bh][C][X]: S (mode 0) or dF (mode 1)
   int C = 0, X = 0, ldp = 0, bh = 0;
