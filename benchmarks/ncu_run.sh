@@ -2,8 +2,9 @@
 # Nsight Compute counters of one fused forward and one forward+backward (benchmarks/profile_cuda.py
 # --ncu) per head dim, summarised by benchmarks/ncu_summary.py. Expects the extension built in
 # place and PYTHONPATH=python. Usage: bash benchmarks/ncu_run.sh OUTDIR [LENGTHS] [HEAD_DIMS]
-#   NCU_ARGS   extra ncu arguments, e.g. "--launch-count 12" for the forward and the first
-#              backward head group only (a whole 64k backward takes minutes under ncu)
+#   NCU_ARGS   extra ncu arguments, e.g. "--launch-count 18": at 64k on Hopper, the forward, then
+#              the forward+backward's forward and its first backward head group (a whole 64k
+#              backward takes minutes under ncu)
 set -uo pipefail
 out="$1"; lengths="${2:-64k}"; dims="${3:-64 128}"
 stalls=""

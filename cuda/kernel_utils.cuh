@@ -144,10 +144,10 @@ __device__ __forceinline__ void for_each_frag_pair(int64_t ld, int ra, int row_e
 }
 
 // Adds what a [rows, ld] output already holds to an mma accumulator fragment (fp32 sum before the
-// one rounding), in for_each_frag_pair's layout; pairs it skips are left alone. All loads are issued before any add:
-// a load placed after a store to the same array stays behind it, so loading inside the store
-// loop cost one memory round trip per pair. The read-only path is safe: only this thread writes
-// these elements, and only after this read.
+// one rounding), in for_each_frag_pair's layout; pairs it skips are left alone. All loads are
+// issued before any add: a load placed after a store to the same array stays behind it, so
+// loading inside the store loop cost one memory round trip per pair. The read-only path is safe:
+// only this thread writes these elements, and only after this read.
 template <typename T, int NT>
 __device__ __forceinline__ void add_existing(float (&acc)[NT][4], const T* src, int64_t ld, int ra,
                                              int row_end, int col_end) {
