@@ -186,24 +186,29 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
   // phase k / 2 % 2), copy k + 2 issued as soon as copy k is split. Without it a CTA's loads
   // and its compute did not overlap (one CTA per SM: 62% of DRAM bandwidth, Run 21). Thread 0
   // keeps the cursor of the next copy to issue (t_next < ntiles while there is one).
-  int t_next = static_cast<int>(blockIdx.x), c_next = 0, c_next_last = 0;
+  int t_next = static_cast<int>(blockIdx.x), bh_next = 0, c_next = 0, c_next_last = 0;
   int copies_used = 0;
+  auto seek_tile = [&] {  // the cursor's head and first chunk: tile t_next's
+    const RowTile tile = row_tile(p, ROWS, t_next);
+    bh_next = tile.bh;
+    chunks_of(tile.m0, c_next, c_next_last);
+  };
   auto issue_next_copy = [&](int k) {
     if (t_next >= ntiles) return;
-    const float* S_c = chunk_state<D>(p, row_tile(p, ROWS, t_next).bh, c_next);
+    const float* S_c = chunk_state<D>(p, bh_next, c_next);
     bulk_copy_to_smem(sS_own + (k & 1) * D * D, S_c, states_bytes, s_ready + (k & 1));
     if (c_next < c_next_last) {
       ++c_next;
     } else {
       t_next += gridDim.x;
-      if (t_next < ntiles) chunks_of(row_tile(p, ROWS, t_next).m0, c_next, c_next_last);
+      if (t_next < ntiles) seek_tile();
     }
   };
   if (threadIdx.x == 0) {
     mbar_init(s_ready);
     if constexpr (kOwn) {
       mbar_init(s_ready + 1);
-      chunks_of(row_tile(p, ROWS, t_next).m0, c_next, c_next_last);
+      seek_tile();
       issue_next_copy(0);
       issue_next_copy(1);
     }

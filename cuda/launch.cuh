@@ -43,8 +43,8 @@ template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t
       const auto kernel = wg::attn_fwd_kernel<T, D>;
       unsigned grid = grid_rows(p, WGS * wg::kBM);
       if constexpr (wg::kFwdOwnStatesBuffer<D>) {  // persistent: as many CTAs as fit at once
-        allow_dynamic_smem(kernel, smem);
         static const int per_sm = [&] {
+          allow_dynamic_smem(kernel, smem);  // the occupancy query counts only what is allowed
           int blocks = 0;
           C10_CUDA_CHECK(
               cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, THREADS, smem));
