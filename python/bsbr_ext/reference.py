@@ -55,10 +55,14 @@ def resolve_scales(
 
 
 def _split_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """[b, h, n, e] -> [b, h, C, chunk_size, e], zero-padding the partial last chunk."""
+    """[b, h, n, e] -> [b, h, C, chunk_size, e], zero-padding the partial last chunk.
+
+    A view of x when chunk_size divides n (F.pad would copy even with nothing to add)."""
     b, h, n, e = x.shape
     c = num_chunks(n, chunk_size)
-    return F.pad(x, (0, 0, 0, c * chunk_size - n)).view(b, h, c, chunk_size, e)
+    if c * chunk_size != n:
+        x = F.pad(x, (0, 0, 0, c * chunk_size - n))
+    return x.unflatten(2, (c, chunk_size))
 
 
 def chunk_states(k_state: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -109,10 +113,10 @@ def _local_attention(
     b, h, n, d = q.shape
     bsz, w = chunk_size, chunk_overlap
     c = num_chunks(n, bsz)
-    qc = _split_chunks(q, bsz).view(b, h * c, bsz, d)
+    qc = _split_chunks(q, bsz).reshape(b, h * c, bsz, d)
     if w == 0:
-        kc = _split_chunks(k, bsz).view(b, h * c, bsz, d)
-        vc = _split_chunks(v, bsz).view(b, h * c, bsz, d)
+        kc = _split_chunks(k, bsz).reshape(b, h * c, bsz, d)
+        vc = _split_chunks(v, bsz).reshape(b, h * c, bsz, d)
         out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale)
     else:
         # Window of chunk c: tokens [c*B - w, c*B + B), taken from k padded by w in front.
