@@ -49,8 +49,9 @@ template <int D> constexpr bool kFwdOwnStatesBuffer = D == 128;
 template <typename T, int D>
 constexpr size_t kSmemBytes = (kFwdWarpgroups<D> + 4) * 64 * D * sizeof(T) +
                               (kFwdOwnStatesBuffer<D> ? 2 * D * D * sizeof(float) : 0) + 16 + 1024;
-// CTAs per SM: at D = 64 shared memory allows 5, registers 4 (128 each: more spilled); at 128
-// (two warpgroups, 229 registers, 225 KiB of shared memory) one.
+// CTAs per SM: at D = 64 shared memory allows 5, registers 4 (at 5, 96 each, it spilled and ran
+// 3.6% slower on an H100: docs/cuda_notes.md, Run 27); at 128 (two warpgroups, 229 registers,
+// 225 KiB of shared memory) one.
 template <int D> constexpr int kMinBlocks = D == 64 ? 4 : 1;
 
 // Async copy of rows [r0, r0 + 64) of a [n, D] strided matrix into a swizzled tile by a group of
