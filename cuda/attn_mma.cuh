@@ -925,6 +925,8 @@ __global__ void __launch_bounds__(kTokmatThreads<D>, kTokmatMinBlocks<D, kPrep>)
         prefetch_l2(ob + (int64_t)(t0 + r) * p.out_st.n + off);
   }
   cp_async_commit();
+  // S may still be in the making (AttnParams::waits_for_previous): nothing reads it before.
+  if (kPrep && p.waits_for_previous) pdl_wait();
   const float mscale = kPrep ? p.state_scale : 1.f;
   stage_split_at<T, D, D == 128 ? 16 : 8, THREADS>(
       sMhi, sMlo, chunk_state<D>(p, bh, c), ds, dsp, mscale,

@@ -210,8 +210,6 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
     if constexpr (kOwn) {
       mbar_init(s_ready + 1);
       seek_tile();
-      issue_next_copy(0);
-      issue_next_copy(1);
     }
   }
 
@@ -243,6 +241,16 @@ __global__ void __launch_bounds__(kFwdWarpgroups<D> * kThreads, kMinBlocks<D>) a
     load_tile<T, D, THREADS>(sK, kb, p.k_st.n, kv_lo, n);
     load_tile<T, D, THREADS>(sV, vb, p.v_st.n, kv_lo, n);
     cp_async_commit();
+    if (t == static_cast<int>(blockIdx.x)) {  // the CTA's first tile, its loads in flight
+      // S may still be in the making (AttnParams::waits_for_previous): nothing reads it before.
+      if (p.waits_for_previous) pdl_wait();
+      if constexpr (kOwn) {
+        if (threadIdx.x == 0) {
+          issue_next_copy(0);
+          issue_next_copy(1);
+        }
+      }
+    }
     int c_first, c_last;
     chunks_of(m0, c_first, c_last);
     float* sS_stage = reinterpret_cast<float*>(sK + (nkv & 1) * STAGE);
@@ -532,6 +540,15 @@ __device__ __forceinline__ void add_chunk_states_grad(const AttnParams& p, float
 #endif
 }
 
+// Before the dK/dV kernels read dF: with p.waits_for_previous the kernel that writes it may still
+// run, and the next kernel may start only once it is done (attn_dkv_kernel's first lines).
+__device__ __forceinline__ void wait_for_dF(const AttnParams& p) {
+  if (p.waits_for_previous) {
+    pdl_wait();
+    pdl_launch_dependents();
+  }
+}
+
 // dK/dV on wgmma (one warpgroup per 64 keys; K, V fixed in swizzled tiles, Q / dO tiles of 64
 // queries in 2 stages): S^T = K Q^T and dP^T = V dO^T from shared memory, P^T and dS^T formed in
 // the accumulators, then dV += P^T dO and dK += dS^T Q with Q / dO as MN-major operands. With
@@ -558,8 +575,10 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
   float* sD = sL + 2 * QN;                                  // [2][QN] delta
   int* sLo = reinterpret_cast<int*>(sD + 2 * QN);           // [2][QN] window start
   // The fused backward launches the next head group's chunk states next (GroupTail,
-  // bsbr_cuda.cu), which read nothing this writes, to fill this grid's tail.
-  pdl_launch_dependents();
+  // bsbr_cuda.cu), which read nothing this writes, to fill this grid's tail. With
+  // waits_for_previous only once dF is complete (wait_for_dF): the states may be allocated in
+  // memory that dF's kernel still reads.
+  if (!p.waits_for_previous) pdl_launch_dependents();
 
   const auto [bh, bi, hi, m0] = row_tile(p, kBM);
   const int n = p.n, B = p.chunk, w = p.overlap;
@@ -629,7 +648,10 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
   // dF_c's hi / lo slabs go to Q stages 0 and 1.
-  if (p.dF != nullptr) add_chunk_states_grad<T, D, kThreads>(p, dk, dv, sK, sV, sQ, sQ + QN * D, bh, m0, kBM, uw);
+  if (p.dF != nullptr) {
+    wait_for_dF(p);
+    add_chunk_states_grad<T, D, kThreads>(p, dk, dv, sK, sV, sQ, sQ + QN * D, bh, m0, kBM, uw);
+  }
   mma::store_dkv<T>(p, dk, dv, bh, ua);
   wait_overlapped_kernel(p.overlap_previous);
 #endif
@@ -664,7 +686,7 @@ __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
   float* sL = reinterpret_cast<float*>(sS + WG * (WG + 1) / 2 * 64 * 64);  // [R] lse * log2e
   float* sD = sL + R;                                                       // [R] delta
   int* sLo = reinterpret_cast<int*>(sD + R);                                // [R] window start
-  pdl_launch_dependents();  // as in attn_dkv_kernel
+  if (!p.waits_for_previous) pdl_launch_dependents();  // as in attn_dkv_kernel
 
   const auto [bh, bi, hi, m0] = row_tile(p, R);
   const int n = p.n;
@@ -739,7 +761,10 @@ __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] *= p.scale;
   // dF_c's hi / lo slabs go over Q (and dO when WG = 1), free from here.
-  if (p.dF != nullptr) add_chunk_states_grad<T, D, WG * kThreads>(p, dk, dv, sKg, sVg, sQ, sQ + TILE, bh, m0, R, uw);
+  if (p.dF != nullptr) {
+    wait_for_dF(p);
+    add_chunk_states_grad<T, D, WG * kThreads>(p, dk, dv, sKg, sVg, sQ, sQ + TILE, bh, m0, R, uw);
+  }
   mma::store_dkv<T>(p, dk, dv, bh, ua);
 
   // dQ_g: A = dS(g, gk) [query][key] is the transpose of the stored tile; ldmatrix.trans matrix

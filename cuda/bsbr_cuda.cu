@@ -348,6 +348,9 @@ __global__ void masked_softmax_bwd_kernel(const float* P, const float* dP, float
   using Vec = std::conditional_t<kVec == 4, float4, float>;
   const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  // The fused backward's dK/dV (but the last group's) may start beside this and dF = P^T dS:
+  // it waits for this grid before it reads dF.
+  pdl_launch_dependents();
   wait_overlapped_kernel(overlap_previous);  // first: some of the last CTA's warps have no row
   if (row >= rows) return;
   const int c = static_cast<int>(row % C);
@@ -854,10 +857,12 @@ void check_attn(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   check_sizes(q.size(0), q.size(1), q.size(2), chunk);
 }
 
+// S_from_previous: `retrieved` comes from the kernel launched last, S = P F on wgmma, which the
+// Hopper forward may then overlap (AttnParams::waits_for_previous).
 std::tuple<Tensor, Tensor> attn_fwd_impl(const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                          const Tensor& qs_, const Tensor& retrieved,
                                          int64_t chunk, int64_t overlap, double scale,
-                                         double state_scale) {
+                                         double state_scale, bool S_from_previous = false) {
   const int64_t b = q_.size(0), h = q_.size(1), n = q_.size(2), d = q_.size(3);
   const int64_t ds = qs_.size(3), C = (n + chunk - 1) / chunk;
   Tensor out = at::empty({b, h, n, d}, q_.options());
@@ -879,6 +884,7 @@ std::tuple<Tensor, Tensor> attn_fwd_impl(const Tensor& q_, const Tensor& k_, con
   p.scale = static_cast<float>(scale), p.state_scale = static_cast<float>(state_scale);
   p.simt = simt;
   p.wgmma = !simt && (d == 64 || d == 128) && use_wgmma("BSBR_ATTN_WGMMA");  // attn_wgmma.cuh
+  p.waits_for_previous = S_from_previous && p.wgmma && use_pdl();
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), d, [&](auto t, auto dim) {
     run_attn_fwd<decltype(t), decltype(dim)::value>(p, stream);
@@ -956,8 +962,10 @@ class AttnBackward {
   // read them: one fp32 state buffer less at the backward's peak; the tensor-core preprocess
   // then computes it itself where its CTAs hold whole chunks (run_attn_bwd_prep), else the
   // chunk-states kernel runs after it. dR_split writes split-bf16 words (the tensor-core
-  // mixing's operand format).
-  Tensor preprocess(bool dR_into_S = false, bool dR_split = false) {
+  // mixing's operand format). S_from_previous (with dR_into_S): the kernel launched last is
+  // S = P F on wgmma, which the tensor-core preprocess may then overlap
+  // (AttnParams::waits_for_previous).
+  Tensor preprocess(bool dR_into_S = false, bool dR_split = false, bool S_from_previous = false) {
     if (empty_) return at::zeros(dR_shape_, opts_);
     Tensor dR;
     if (dR_into_S) {
@@ -969,9 +977,11 @@ class AttnBackward {
     }
     auto stream = at::cuda::getCurrentCUDAStream();
     bool wrote_dR = false;
+    p_.waits_for_previous = S_from_previous && dR_into_S && !p_.simt && use_pdl();
     dispatch(st_, d_, [&](auto t, auto dim) {
       wrote_dR = run_attn_bwd_prep<decltype(t), decltype(dim)::value>(p_, stream);
     });
+    p_.waits_for_previous = false;
     if (dR_into_S) dR = wrote_dR ? S_ : states_impl(qs_, dout_, chunk_, state_scale_, S_, dR_split);
     p_.S = nullptr;  // dead from here (and overwritten with dR_into_S)
     p_.states = nullptr;
@@ -995,17 +1005,23 @@ class AttnBackward {
   // dK/dV and dQ. dF (only where fuses_states(), k_state = k): fp32 contiguous [b, h, C, d, d]
   // chunk-state gradients that dK/dV add as v dF^T to dk and k dF to dv. overlap_previous: the
   // kernel just launched neither writes what these read nor reads what they write, so the first
-  // Hopper kernel may overlap it.
-  void finish(const Tensor& dF = Tensor(), bool overlap_previous = false) {
+  // Hopper kernel may overlap it. dF_from_previous: the kernel just launched is the softmax
+  // backward that overlaps dF's kernel, so the Hopper dK/dV may overlap it, waiting before it
+  // reads dF (AttnParams::waits_for_previous).
+  void finish(const Tensor& dF = Tensor(), bool overlap_previous = false,
+              bool dF_from_previous = false) {
     if (empty_) return;
     TORCH_INTERNAL_ASSERT(!dF.defined() || (fuses_states() && dF.is_contiguous()));
+    TORCH_INTERNAL_ASSERT(!(overlap_previous && dF_from_previous));
     p_.dF = dF.defined() ? dF.data_ptr<float>() : nullptr;
     p_.overlap_previous = overlap_previous && use_pdl();
+    p_.waits_for_previous = dF_from_previous && dF.defined() && p_.wgmma && use_pdl();
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(st_, d_, [&](auto t, auto dim) {
       run_attn_bwd<decltype(t), decltype(dim)::value>(p_, stream);
     });
     p_.overlap_previous = false;
+    p_.waits_for_previous = false;
   }
 
   // Everything the kernels read that this object keeps allocated (prepared views, lse, delta).
@@ -1061,6 +1077,7 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
   check_on(meta_q, "meta_q", q.device());
   check_on(meta_k, "meta_k", q.device());
   Tensor R;
+  bool R_from_wgmma = false;
   {  // the chunk states die before the attention allocates its output (lower peak)
     const bool tc = use_tc_mix(q, meta_q);
     // The weights first: the chunk states, which do not read them, overlap their kernel. The
@@ -1075,8 +1092,10 @@ std::tuple<Tensor, Tensor> bsbr_attention_fwd(const Tensor& q, const Tensor& k, 
     Tensor states = states_impl(k_state, v, chunk_size, 1.0, Tensor(), /*split=*/tc,
                                 /*overlap_previous=*/overlappable);
     R = retrieve(states, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
+    R_from_wgmma = planes.defined();
   }
-  return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale);
+  return attn_fwd_impl(q, k, v, q_state, R, chunk_size, chunk_overlap, scale, state_scale,
+                       /*S_from_previous=*/R_from_wgmma);
 }
 
 // Heads [h0, h0 + nh) of batch elements [b0, b0 + nb): whole batch elements while they fit,
@@ -1145,9 +1164,11 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
   Tensor R = retrieve(F, P, planes, meta_q, meta_k, meta_scale, q.scalar_type());
   AttnBackward bwd(grad_out, q, k, v, q_state, R, out, lse, chunk_size, chunk_overlap, scale,
                    state_scale, g);
-  Tensor dR = bwd.preprocess(/*dR_into_S=*/true, /*dR_split=*/P.defined());
+  Tensor dR = bwd.preprocess(/*dR_into_S=*/true, /*dR_split=*/P.defined(),
+                              /*S_from_previous=*/planes.defined());
   R = Tensor();
   bool overlap_dkv = false;
+  bool dkv_after_softmax = false;  // the softmax backward is the kernel before dK/dV
   if (P.defined()) {
     const int64_t C = P.size(1);
     auto [dP, splits] = mix_scores(dR, F, C);  // dP = dS F^T (j < c)
@@ -1165,6 +1186,7 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
     planes = Tensor();  // freed only now: nothing is freed between two overlapping launches
     dR = Tensor();
     if (before_dkv) overlap_dkv = before_dkv();
+    dkv_after_softmax = !before_dkv;
   } else {
     auto [gmq, gmk, dF] = block_retrieval_bwd(dR, meta_q, meta_k, F, meta_scale);
     dmq.copy_(gmq);
@@ -1174,7 +1196,7 @@ void fused_bwd_group(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
   // The chunk-states backward: dv += k_state dF (fp32 sum, one rounding); dks = v dF^T, or
   // dk += v dF^T. With k_state = k the tensor-core dK/dV does it from the k and v it holds.
   if (fold_k && bwd.fuses_states()) {
-    bwd.finish(F, overlap_dkv);
+    bwd.finish(F, overlap_dkv, /*dF_from_previous=*/dkv_after_softmax);
     tail.overlappable = true;
     tail.operands = bwd.operands();
     tail.operands.push_back(F);

@@ -71,6 +71,13 @@ struct AttnParams {
   // Hopper dK/dV (or dQ/dK/dV) kernel after the meta gradients. Its last CTA then waits for that
   // kernel before exiting, so that the kernels launched after it, normally, find both complete.
   bool overlap_previous = false;
+  // Launched to overlap the kernel just before it on the stream although it reads what that
+  // kernel, or the one that kernel overlaps, writes (programmatic dependent launch): the
+  // retrieved states S in the Hopper forward and in the backward preprocess, after S = P F on
+  // wgmma; dF in the Hopper dK/dV (or dQ/dK/dV) kernel, after the softmax backward that overlaps
+  // dF = P^T dS. Each CTA issues its first loads of token tensors, then waits for that kernel
+  // (pdl_wait) before it reads S or dF, writes anything, or lets the next kernel start.
+  bool waits_for_previous = false;
 };
 
 template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t stream);

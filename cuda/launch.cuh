@@ -53,7 +53,7 @@ template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t
         const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
         grid = std::min(grid, static_cast<unsigned>(per_sm * sms));
       }
-      return launch_smem(kernel, grid, THREADS, smem, stream, p);
+      return launch_smem(kernel, grid, THREADS, smem, stream, p, p.waits_for_previous);
     }
   }
   if constexpr (kHasMma<T>) {
@@ -68,8 +68,8 @@ template <typename T, int D> void run_attn_fwd(const AttnParams& p, cudaStream_t
 }
 
 // p.bwd_part (AttnParams) picks what this launches: 0 every kernel; 1 the Hopper dQ kernel where
-// it is a kernel of its own (else nothing); 2 whatever part 1 left. With p.overlap_previous the
-// first Hopper kernel launched overlaps the kernel before it.
+// it is a kernel of its own (else nothing); 2 whatever part 1 left. With p.overlap_previous or
+// p.waits_for_previous the first Hopper kernel launched overlaps the kernel before it.
 template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHasMma<T>) {
     if (!p.simt) {
@@ -77,20 +77,20 @@ template <typename T, int D> void run_attn_bwd(const AttnParams& p, cudaStream_t
       const size_t smem = (2 * mma::kBM + 4 * BN) * SD * sizeof(T) + 6 * BN * sizeof(float);
       if constexpr (D == 64 || D == 128) {
         if (p.wgmma) {
+          const bool overlaps = p.overlap_previous || p.waits_for_previous;
           if (p.dqkv && p.overlap == 0 && p.chunk == 128) {
             if (p.bwd_part == 1) return;
             return launch_smem(wg::attn_dqkv_kernel<T, D, 2>, grid_rows(p, 2 * wg::kBM),
-                               2 * wg::kThreads, wg::kDqkvSmemBytes<T, D, 2>, stream, p,
-                               p.overlap_previous);
+                               2 * wg::kThreads, wg::kDqkvSmemBytes<T, D, 2>, stream, p, overlaps);
           }
           if (p.dqkv && p.overlap == 0 && 64 % p.chunk == 0) {
             if (p.bwd_part == 1) return;
             return launch_smem(wg::attn_dqkv_kernel<T, D, 1>, grid_rows(p, wg::kBM), wg::kThreads,
-                               wg::kDqkvSmemBytes<T, D, 1>, stream, p, p.overlap_previous);
+                               wg::kDqkvSmemBytes<T, D, 1>, stream, p, overlaps);
           }
           if (p.bwd_part != 1) {
             launch_smem(wg::attn_dkv_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
-                        wg::kDkvSmemBytes<T, D>, stream, p, p.overlap_previous);
+                        wg::kDkvSmemBytes<T, D>, stream, p, overlaps);
           }
           if (p.bwd_part == 2) return;
           return launch_smem(wg::attn_dq_kernel<T, D>, grid_rows(p, wg::kBM), wg::kThreads,
@@ -129,7 +129,7 @@ template <typename T, bool kPrep, int D> void run_tokmat(const AttnParams& p, cu
   constexpr int rows = mma::kTokmatRows<D>;
   const unsigned grid = static_cast<unsigned>(cdiv(p.chunk, rows)) * grid_chunks(p);
   launch_smem(mma::tokmat_kernel<T, D, kPrep>, grid, mma::kTokmatThreads<D>,
-              mma::kTokmatSmemBytes<T, D>, stream, p);
+              mma::kTokmatSmemBytes<T, D>, stream, p, kPrep && p.waits_for_previous);
 }
 
 template <typename T, int D> void run_states_bwd(const AttnParams& p, cudaStream_t stream) {

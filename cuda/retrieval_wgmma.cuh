@@ -156,9 +156,10 @@ __global__ void __launch_bounds__(kTThreads, t_ctas_per_sm(kALo)) mix_t_wgmma_ke
   // Mode 0: S[c] sums j < c; mode 1: dF[j] sums c > j (P is zero elsewhere).
   const int kb = MODE == 0 ? 0 : n0 / kTK;
   const int ke = cdiv(MODE == 0 ? min(p.C, n0 + kTC) : p.C, kTK);
-  // The fused backward launches the softmax backward next, which touches nothing dF = P^T dS
-  // reads or writes, to run beside this one (bsbr_cuda.cu).
-  if constexpr (MODE == 1) pdl_launch_dependents();
+  // The fused op lets the kernel it launches next start beside this one (bsbr_cuda.cu): after
+  // S = P F, the forward or the backward preprocess, which wait for S before they read it; after
+  // dF = P^T dS, the softmax backward, which touches nothing this reads or writes.
+  pdl_launch_dependents();
 
   // Stage loads: 8 pieces of the A tile (rows 8 apart) and 4 of each plane tile per thread.
   const int a_r = threadIdx.x / 32, a_c = (threadIdx.x % 32) * 4;

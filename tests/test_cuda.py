@@ -654,8 +654,11 @@ def test_overlapped_launches(dtype, meta_contiguous, groups, d, monkeypatch):
     them one after the other): the chunk states beside the retrieval weights, dQ beside dP (d = 64;
     at d = 128 dQ is part of the dQ/dK/dV kernel), the softmax backward beside dF, the last head
     group's dK/dV beside the meta gradients, and each later head group's chunk states beside the
-    group before's dK/dV. Forward and gradients are bitwise those of the serial launches, eagerly
-    and replayed from a CUDA graph, with one, two or four head groups.
+    group before's dK/dV; and kernels that wait inside for what the one before writes: the
+    attention forward and the backward preprocess beside S = P F (they wait for S), dK/dV beside
+    the softmax backward (it waits for dF, the kernel before that one's). Forward and gradients
+    are bitwise those of the serial launches, eagerly and replayed from a CUDA graph, with one,
+    two or four head groups.
     Meta tensors that are not contiguous are copied first, and the states kernel must then not
     overlap (the copies are freed before it runs); that case must agree as well."""
     b, h, n, chunk, w, dm = 1, 4, 16384 + 77, 128, 0, 64
