@@ -540,6 +540,19 @@ __device__ __forceinline__ void add_chunk_states_grad(const AttnParams& p, float
 #endif
 }
 
+// dF_c of the chunks that keys [m0, m0 + rows) touch, fetched into L2 by the dK/dV kernels'
+// THREADS threads when they start, so that their epilogue (add_chunk_states_grad) finds it there.
+// With p.waits_for_previous the kernel writing dF may still run: the prefetch is only a hint (it
+// binds no value, and L2 stays coherent), and the reads wait for that kernel (wait_for_dF).
+template <int D, int THREADS>
+__device__ __forceinline__ void prefetch_dF(const AttnParams& p, int bh, int m0, int rows) {
+  const int c_first = m0 / p.chunk, c_last = (min(p.n, m0 + rows) - 1) / p.chunk;
+  const char* f0 =
+      reinterpret_cast<const char*>(p.dF + ((int64_t)bh * p.num_chunks + c_first) * D * D);
+  const int bytes = (c_last - c_first + 1) * D * D * static_cast<int>(sizeof(float));
+  for (int off = threadIdx.x * 128; off < bytes; off += THREADS * 128) prefetch_l2(f0 + off);
+}
+
 // Before the dK/dV kernels read dF: with p.waits_for_previous the kernel that writes it may still
 // run, and the next kernel may start only once it is done (attn_dkv_kernel's first lines).
 __device__ __forceinline__ void wait_for_dF(const AttnParams& p) {
@@ -603,6 +616,7 @@ __global__ void __launch_bounds__(kThreads, kDkvMinBlocks<D>) attn_dkv_kernel(At
   load_tile<T, D>(sV, mma::head_ptr<T>(p.v, p.v_st, bi, hi), p.v_st.n, m0, n);
   load_stage(0, q_lo);
   cp_async_commit();
+  if (p.dF != nullptr) prefetch_dF<D, kThreads>(p, bh, m0, kBM);
 
   float dk[DT][4], dv[DT][4];
 #pragma unroll
@@ -702,6 +716,7 @@ __global__ void __launch_bounds__(WG * kThreads, WG == 2 ? 1 : kDkvMinBlocks<D>)
   load_tile<T, D>(sQ + g * TILE, mma::head_ptr<T>(p.q, p.q_st, bi, hi), p.q_st.n, r0g, n);
   load_tile<T, D>(sO + g * TILE, mma::head_ptr<T>(p.dout, p.dout_st, bi, hi), p.dout_st.n, r0g, n);
   cp_async_commit();
+  if (p.dF != nullptr) prefetch_dF<D, WG * kThreads>(p, bh, m0, R);
   mma::load_query_stats<64>(sL + g * 64, sD + g * 64, sLo + g * 64, p.lse + (int64_t)bh * n,
                             p.delta + (int64_t)bh * n, r0g, n, p.chunk, 0);
 

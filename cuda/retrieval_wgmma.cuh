@@ -102,21 +102,26 @@ __device__ __forceinline__ void load_a_rows2(const float* as, int xr, int k0, ui
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The wgmma mixing kernels' 2-stage cp.async pipeline over k tiles [kb, ke) (mix_kernel's, plus
-// the fence that makes each landed stage visible to wgmma's async proxy): load(stage, kt) issues
-// one commit group; body(stage, kt) runs once tile kt is in `stage`; a stage is refilled only
-// after every thread has left the body that read it.
-template <typename Load, typename Body>
-__device__ __forceinline__ void two_stage_pipeline(int kb, int ke, Load&& load, Body&& body) {
-  if (kb < ke) load(0, kb);
-  for (int kt = kb; kt < ke; ++kt) {
-    const int st = (kt - kb) & 1;
-    if (kt + 1 < ke) {
-      load(st ^ 1, kt + 1);
-      cp_async_wait<1>();
+// The wgmma mixing kernels' cp.async pipeline of kStages stages over k tiles [kb, ke) (with two
+// stages mix_kernel's, plus the fence that makes each landed stage visible to wgmma's async
+// proxy): load(stage, kt) issues one commit group; body(stage, kt) runs once tile kt is in
+// `stage`, with the next kStages - 1 tiles in flight; a stage is refilled only after every thread
+// has left the body that read it.
+template <int kStages, typename Load, typename Body>
+__device__ __forceinline__ void cp_async_pipeline(int kb, int ke, Load&& load, Body&& body) {
+  // Tiles past ke commit empty groups, so that group i is always tile kb + i.
+  auto issue = [&](int st, int kt) {
+    if (kt < ke) {
+      load(st, kt);
     } else {
-      cp_async_wait<0>();
+      cp_async_commit();
     }
+  };
+  for (int i = 0; i < kStages - 1; ++i) issue(i, kb + i);
+  for (int kt = kb; kt < ke; ++kt) {
+    const int st = (kt - kb) % kStages;
+    issue((st + kStages - 1) % kStages, kt + kStages - 1);  // into the stage body kt - 1 read
+    cp_async_wait<kStages - 1>();
     fence_proxy_async();
     __syncthreads();
     body(st, kt);
@@ -235,7 +240,7 @@ __global__ void __launch_bounds__(kTThreads, t_ctas_per_sm(kALo)) mix_t_wgmma_ke
   using Nb0 = std::integral_constant<int, 0>;
   using Nb1 = std::integral_constant<int, 1>;
   using Nb2 = std::integral_constant<int, 2>;
-  two_stage_pipeline(kb, ke, load, [&](int st, int kt) {
+  cp_async_pipeline<2>(kb, ke, load, [&](int st, int kt) {
     // In the diagonal tile one stage holds nothing for one 64-wide block of output chunks (P
     // is zero there), and skips its wgmmas: mode 0's stage of j >= n0 + 64 for block 0
     // (c < n0 + 64), mode 1's stage of c < n0 + 64 for block 1 (j >= n0 + 64).
@@ -294,8 +299,12 @@ struct ScoresParams {
 
 constexpr int kSBM = 128, kSBN = 128, kSKW = 32;  // tile rows c, cols j, words of x per stage
 constexpr int kSPitch = kSKW + 4;  // A rows 4 banks apart: the fragment reads are conflict-free
+// Three stages (103 KiB: still 2 CTAs per SM), so that two are in flight while one computes:
+// with two the kernel stalled on its barriers, waiting for each stage's loads.
+constexpr int kScoresStages = 3;
 constexpr size_t kScoresSmem =
-    1024 + 2 * (kSBN * 2 * kSKW * sizeof(__nv_bfloat16) + kSBM * kSPitch * sizeof(float));
+    1024 + kScoresStages * (kSBN * 2 * kSKW * sizeof(__nv_bfloat16) +
+                            kSBM * kSPitch * sizeof(float));
 
 static __global__ void __launch_bounds__(kTThreads, 2) scores_wgmma_kernel(const ScoresParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -304,7 +313,7 @@ static __global__ void __launch_bounds__(kTThreads, 2) scores_wgmma_kernel(const
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __nv_bfloat16* sB = reinterpret_cast<__nv_bfloat16*>(
       smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024));  // [stage][kB]
-  float* sA = reinterpret_cast<float*>(sB + 2 * kB);               // [stage][kA]
+  float* sA = reinterpret_cast<float*>(sB + kScoresStages * kB);   // [stage][kA]
 
   // Tiles with some j < c: pairs (tc, tj <= tc), numbered row by row.
   const int tm = cdiv(p.C, kSBM);
@@ -353,7 +362,7 @@ static __global__ void __launch_bounds__(kTThreads, 2) scores_wgmma_kernel(const
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[nb][i] = 0.f;
 
-  two_stage_pipeline(kb, ke, load, [&](int st, int) {
+  cp_async_pipeline<kScoresStages>(kb, ke, load, [&](int st, int) {
     const float* a_tile = sA + st * kA;
     const __nv_bfloat16* b_tile = sB + st * kB;
     // A fragments in two register sets, as in mix_t_wgmma_kernel. A k' step of 16 is 8 words
