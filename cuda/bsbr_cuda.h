@@ -75,8 +75,8 @@ struct AttnParams {
   // kernel, or the one that kernel overlaps, writes (programmatic dependent launch): the
   // retrieved states S in the Hopper forward and in the backward preprocess, after S = P F on
   // wgmma; dF in the Hopper dK/dV (or dQ/dK/dV) kernel, after the softmax backward that overlaps
-  // dF = P^T dS. Each CTA issues its first loads of token tensors, then waits for that kernel
-  // (pdl_wait) before it reads S or dF, writes anything, or lets the next kernel start.
+  // dF = P^T dS. A CTA may load token tensors and compute before it waits for that kernel
+  // (pdl_wait); it reads S or dF, writes anything, or lets the next kernel start only after.
   bool waits_for_previous = false;
 };
 
