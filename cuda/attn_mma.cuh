@@ -107,9 +107,8 @@ __device__ __forceinline__ void stage_split(T* sHi, T* sLo, const float* M, int 
 template <int D, int THREADS = kThreads>
 __device__ __forceinline__ void prefetch_states(const AttnParams& p, int bh, int c_first,
                                                 int c_last) {
-  const char* s0 = reinterpret_cast<const char*>(chunk_state<D>(p, bh, c_first));
   const int bytes = (c_last - c_first + 1) * p.ds * D * static_cast<int>(sizeof(float));
-  for (int off = threadIdx.x * 128; off < bytes; off += THREADS * 128) prefetch_l2(s0 + off);
+  prefetch_l2_bytes<THREADS>(chunk_state<D>(p, bh, c_first), bytes);
 }
 
 // One key tile of the forward's online softmax for a warp's rows ra and ra + 8, with S = Q K^T in

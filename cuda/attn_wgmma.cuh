@@ -547,10 +547,8 @@ __device__ __forceinline__ void add_chunk_states_grad(const AttnParams& p, float
 template <int D, int THREADS>
 __device__ __forceinline__ void prefetch_dF(const AttnParams& p, int bh, int m0, int rows) {
   const int c_first = m0 / p.chunk, c_last = (min(p.n, m0 + rows) - 1) / p.chunk;
-  const char* f0 =
-      reinterpret_cast<const char*>(p.dF + ((int64_t)bh * p.num_chunks + c_first) * D * D);
   const int bytes = (c_last - c_first + 1) * D * D * static_cast<int>(sizeof(float));
-  for (int off = threadIdx.x * 128; off < bytes; off += THREADS * 128) prefetch_l2(f0 + off);
+  prefetch_l2_bytes<THREADS>(p.dF + ((int64_t)bh * p.num_chunks + c_first) * D * D, bytes);
 }
 
 // Before the dK/dV kernels read dF: with p.waits_for_previous the kernel that writes it may still

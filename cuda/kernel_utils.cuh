@@ -426,6 +426,13 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
+// prefetch_l2 of bytes [0, bytes) from p, a line per thread at a time, by THREADS threads.
+template <int THREADS>
+__device__ __forceinline__ void prefetch_l2_bytes(const void* p, int bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int off = threadIdx.x * 128; off < bytes; off += THREADS * 128) prefetch_l2(c + off);
+}
+
 // Where a CTA of the row-tiled attention kernels works (index = bh * cdiv(n, rows) + tile; the
 // CTA's blockIdx.x unless the kernel is persistent): head bh of the b * h heads (batch element
 // bi, head hi), rows [m0, m0 + rows) of it.
