@@ -1,6 +1,8 @@
 // The Python extension module bsbr_ext._C: loading it registers the ops (torch.ops.bsbr.*);
-// build_info() tells what this build contains.
+// build_info() tells what this build contains and which CPU kernels it runs here.
 #include <torch/extension.h>
+
+#include "cpu/microkernels.h"
 
 #define BSBR_STR(x) #x
 #define BSBR_XSTR(x) BSBR_STR(x)
@@ -10,6 +12,7 @@ namespace {
 py::dict build_info() {
   py::dict info;
   info["torch_version"] = BSBR_XSTR(BSBR_TORCH_VERSION);  // the torch it was built against
+  info["cpu_isa"] = bsbr::cpu::cpu_isa();  // the CPU kernels' ISA level on this machine
 #ifdef BSBR_WITH_CUDA
   info["cuda"] = true;
   info["cuda_version"] = BSBR_XSTR(BSBR_CUDA_VERSION);

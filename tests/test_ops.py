@@ -4,6 +4,9 @@ every gradient, at odd sizes; causality; opcheck; gradcheck; bad inputs; tracing
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -351,3 +354,35 @@ def test_build_info():
     info = bsbr_ext.build_info()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool)
+    assert info["cpu_isa"] in ("avx512", "avx2", "base")
+
+
+def _cpu_isa_under(cap: str) -> subprocess.CompletedProcess:
+    code = "import bsbr_ext; print(bsbr_ext.build_info()['cpu_isa'])"
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, BSBR_CPU_ISA=cap),
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_kernels_at_lower_cpu_isa_levels(isa):
+    """The CPU kernels are compiled once per ISA level and the best level this CPU runs is used;
+    BSBR_CPU_ISA caps it, so the lower levels' kernels are checked here too: the fp64 and
+    low-precision kernel tests and the decode ops, in a process that runs them at `isa`."""
+    level = _cpu_isa_under(isa).stdout.strip()
+    if level != isa:
+        pytest.skip(f"this CPU cannot run the {isa} kernels (best level: {level})")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         os.path.join(tests, "test_ops.py"), os.path.join(tests, "test_decode_ops.py"),
+         "-k", "kernel_matches_reference_fp64 or low_precision_error_budget or "
+               "(decode and matches_reference and cpu)"],
+        env=dict(os.environ, BSBR_CPU_ISA=isa), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1]
+
+
+def test_cpu_isa_cap_rejects_unknown_level():
+    run = _cpu_isa_under("sse9")
+    assert run.returncode != 0
+    assert "BSBR_CPU_ISA must be base, avx2 or avx512, got 'sse9'" in run.stderr

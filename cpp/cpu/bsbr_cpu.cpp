@@ -23,6 +23,10 @@ namespace {
 // columns its last query can see (rounded up to kColAlign), which skips the masked upper half.
 constexpr int64_t kRowBlock = 16;
 constexpr int64_t kColAlign = 32;
+// Softmax rows are exponentiated in whole groups of kSoftmaxAlign keys (an AVX-512 vector of
+// fp32) so no row ends in a scalar loop: the padding keys are set to -inf first, which exp maps
+// to 0.
+constexpr int64_t kSoftmaxAlign = 16;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -56,18 +60,12 @@ const acc_t* rows_as_acc(const scalar_t* src, int64_t rows, int64_t cols, std::v
   }
 }
 
-// dst[j][i] = src[i][j]: the transposed tile, for products with a transposed right operand.
-// Writes are contiguous; the strided reads stay within a few KB of L1-resident lines.
+// dst[j][i] = src[i][j] for contiguous rows: the transposed tile, for products with a
+// transposed right operand; `buf` holds the rows converted to acc_t when they are not.
 template <typename scalar_t, typename acc_t>
-void load_transposed(const scalar_t* src, int64_t lds, int64_t rows, int64_t cols, acc_t* dst,
-                     int64_t ldd) {
-  for (int64_t j = 0; j < cols; ++j)
-    for (int64_t i = 0; i < rows; ++i) dst[j * ldd + i] = static_cast<acc_t>(src[i * lds + j]);
-}
-
-template <typename acc_t>
-void zero(acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i) std::fill(x + i * ld, x + i * ld + cols, acc_t(0));
+void load_transposed(const scalar_t* src, int64_t rows, int64_t cols, acc_t* dst, int64_t ldd,
+                     std::vector<acc_t>& buf) {
+  transpose(rows, cols, rows_as_acc(src, rows, cols, buf), cols, dst, ldd);
 }
 
 template <typename scalar_t>
@@ -92,22 +90,23 @@ template <typename acc_t>
 struct AttentionScratch {
   int64_t cols;  // window width rounded up to kColAlign: the most score columns computed
   int64_t ld;    // leading dim of window-wide tiles; padded so their rows do not alias in L1
-  std::vector<acc_t> q, kt, k, vt, v, scores, dscores, out, dout, qs, st, dqs;
+  std::vector<acc_t> q, kt, k, vt, v, scores, dscores, out, dout, o, qs, st, dqs;
   AttentionScratch(const Dims& s, bool backward) {
     const int64_t rows = s.chunk_size, window = s.chunk_size + s.overlap;
     cols = round_up(window, kColAlign);
     ld = cols + 16;
     q.resize(rows * s.d);
     kt.resize(s.d * ld);
+    k.resize(window * s.d);
     v.resize(window * s.d);
     scores.resize(rows * ld);
     out.resize(rows * s.d);
     qs.resize(rows * s.ds);
     if (backward) {
-      k.resize(window * s.d);
       vt.resize(s.d * ld);
       dscores.resize(rows * ld);
       dout.resize(rows * s.d);
+      o.resize(rows * s.d);
       st.resize(s.d * s.ds);
       dqs.resize(rows * s.ds);
     }
@@ -122,34 +121,37 @@ void window_scores(const Chunk& ch, int64_t d, const AttentionScratch<acc_t>& w,
   for (int64_t i0 = 0; i0 < ch.rows(); i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, ch.rows() - i0);
     const int64_t cols = std::min(round_up(ch.overlap() + i0 + rows, kColAlign), w.cols);
-    zero(out + i0 * w.ld, rows, cols, w.ld);
-    gemm_acc(rows, cols, d, a + i0 * d, d, 1, b_t, w.ld, out + i0 * w.ld, w.ld);
+    gemm(rows, cols, d, a + i0 * d, d, 1, b_t, w.ld, out + i0 * w.ld, w.ld);
   }
 }
 
 // Number of keys row i of the chunk sees: the overlap plus itself and the rows before it.
 inline int64_t visible(const Chunk& ch, int64_t i) { return ch.overlap() + i + 1; }
 
-// out[i] += p[i] @ v over the row blocks; p is zero past each row's visible keys.
+// out[i] = p[i] @ v over the row blocks; p is zero past each row's visible keys.
 template <typename acc_t>
 void window_product(const Chunk& ch, int64_t cols_total, int64_t d, const acc_t* p, int64_t ldp,
                     const acc_t* v, acc_t* out) {
   for (int64_t i0 = 0; i0 < ch.rows(); i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, ch.rows() - i0);
     const int64_t keys = std::min(visible(ch, i0 + rows - 1), cols_total);
-    gemm_acc(rows, d, keys, p + i0 * ldp, ldp, 1, v, d, out + i0 * d, d);
+    gemm(rows, d, keys, p + i0 * ldp, ldp, 1, v, d, out + i0 * d, d);
   }
 }
 
-// out[j] += sum_i p[i][j] x[i] for the window keys j (p read transposed in place); key j is seen
-// only by rows i >= j - overlap, so each key block skips the rows before that.
+// Row j of sum_i p[i][j] x[i] for the window keys j (p read transposed in place), written to
+// `overlap_rows` for the keys before the chunk and to `own_rows` for the chunk's own. Key j is
+// seen only by rows i >= j - overlap, so each key block skips the rows before that.
 template <typename acc_t>
 void window_product_transposed(const Chunk& ch, int64_t d, const acc_t* p, int64_t ldp, const acc_t* x,
-                               acc_t* out) {
-  for (int64_t j0 = 0; j0 < ch.window(); j0 += kRowBlock) {
-    const int64_t keys = std::min(kRowBlock, ch.window() - j0);
+                               acc_t* overlap_rows, acc_t* own_rows) {
+  for (int64_t j0 = 0; j0 < ch.window();) {
+    const bool before = j0 < ch.overlap();  // blocks do not straddle the chunk's start
+    const int64_t j1 = std::min(j0 + kRowBlock, before ? ch.overlap() : ch.window());
     const int64_t first = std::max<int64_t>(0, j0 - ch.overlap());
-    gemm_acc(keys, d, ch.rows() - first, p + first * ldp + j0, 1, ldp, x + first * d, d, out + j0 * d, d);
+    acc_t* dst = before ? overlap_rows + j0 * d : own_rows + (j0 - ch.overlap()) * d;
+    gemm(j1 - j0, d, ch.rows() - first, p + first * ldp + j0, 1, ldp, x + first * d, d, dst, d);
+    j0 = j1;
   }
 }
 
@@ -171,19 +173,21 @@ void chunk_attention_fwd_kernel(const Dims& s, const at::Tensor& q, const at::Te
       const Chunk ch = chunk_at(c, s.n, s.chunk_size, s.overlap);
       const int64_t tok = bh * s.n;
       load(qp + (tok + ch.start) * s.d, ch.rows(), s.d, w.q.data(), acc_t(scale));
-      load_transposed(kp + (tok + ch.window_start) * s.d, s.d, ch.window(), s.d, w.kt.data(), w.ld);
+      load_transposed(kp + (tok + ch.window_start) * s.d, ch.window(), s.d, w.kt.data(), w.ld, w.k);
       const acc_t* vb = rows_as_acc(vp + (tok + ch.window_start) * s.d, ch.window(), s.d, w.v);
       window_scores(ch, s.d, w, w.q.data(), w.kt.data(), w.scores.data());
       for (int64_t i = 0; i < ch.rows(); ++i) {
         acc_t* row = w.scores.data() + i * w.ld;
-        const int64_t keys = visible(ch, i);
-        const acc_t mx = max_value(row, keys);
-        const acc_t sum = exp_shift_sum(row, keys, mx);
-        convert_scale(row, row, keys, acc_t(1) / sum);
-        std::fill(row + keys, row + std::min(visible(ch, i | (kRowBlock - 1)), w.cols), acc_t(0));
+        const int64_t keys = visible(ch, i), padded = round_up(keys, kSoftmaxAlign);
+        std::fill(row + keys, row + padded, -std::numeric_limits<acc_t>::infinity());
+        const acc_t mx = max_value(row, padded);
+        const acc_t sum = exp_shift_sum(row, padded, mx);
+        convert_scale(row, row, padded, acc_t(1) / sum);
+        // The row block's product reads up to the keys of its last row.
+        const int64_t block_keys = std::min(visible(ch, i | (kRowBlock - 1)), w.cols);
+        if (padded < block_keys) std::fill(row + padded, row + block_keys, acc_t(0));
         lp[tok + ch.start + i] = mx + std::log(sum);
       }
-      zero(w.out.data(), ch.rows(), s.d, s.d);
       window_product(ch, w.cols, s.d, w.scores.data(), w.ld, vb, w.out.data());
       // Long-range term: state_scale * q_state @ S_c.
       load(qsp + (tok + ch.start) * s.ds, ch.rows(), s.ds, w.qs.data(), acc_t(state_scale));
@@ -195,62 +199,61 @@ void chunk_attention_fwd_kernel(const Dims& s, const at::Tensor& q, const at::Te
   });
 }
 
-// Gradients of the chunk attention in acc_t: [BH, n, d] for q, k, v, [BH, n, ds] for q_state,
-// [BH, C, ds, d] for the retrieved states.
+// Gradients of the chunk attention in acc_t: [BH, n, d] for q, k, v, [BH, n, ds] for q_state
+// (undefined when folded into q's), [BH, C, ds, d] for the retrieved states.
 struct AttentionGrads {
   at::Tensor q, k, v, q_state, retrieved;
 };
 
+// fold_q_state: q_state is q (the fused op's default), so its gradient is added to q's instead
+// of being returned.
 template <typename scalar_t>
 AttentionGrads chunk_attention_bwd_kernel(
     const Dims& s, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& q_state, const at::Tensor& retrieved,
-    const at::Tensor& out, const at::Tensor& lse, double scale, double state_scale) {
+    const at::Tensor& out, const at::Tensor& lse, double scale, double state_scale, bool fold_q_state) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   AttentionGrads g;
   g.q = at::empty({s.bh, s.n, s.d}, acc_opts);
   g.k = at::empty({s.bh, s.n, s.d}, acc_opts);
   g.v = at::empty({s.bh, s.n, s.d}, acc_opts);
-  g.q_state = at::empty({s.bh, s.n, s.ds}, acc_opts);
+  if (!fold_q_state) g.q_state = at::empty({s.bh, s.n, s.ds}, acc_opts);
   g.retrieved = at::empty({s.bh, s.num_chunks, s.ds, s.d}, acc_opts);
   // Window rows before a chunk belong to the previous chunk: their k/v gradients go to a
   // per-chunk buffer that a second pass adds in a fixed order (deterministic, no races).
-  auto spill_k = at::zeros({s.bh, s.num_chunks, s.overlap, s.d}, acc_opts);
-  auto spill_v = at::zeros({s.bh, s.num_chunks, s.overlap, s.d}, acc_opts);
+  auto spill_k = at::empty({s.bh, s.num_chunks, s.overlap, s.d}, acc_opts);
+  auto spill_v = at::empty({s.bh, s.num_chunks, s.overlap, s.d}, acc_opts);
 
   const scalar_t *qp = ptr<scalar_t>(q), *kp = ptr<scalar_t>(k), *vp = ptr<scalar_t>(v),
                  *qsp = ptr<scalar_t>(q_state), *op = ptr<scalar_t>(out), *gp = ptr<scalar_t>(grad_out);
   const acc_t *sp = ptr<acc_t>(retrieved), *lp = ptr<acc_t>(lse);
   acc_t *dq = mut<acc_t>(g.q), *dk = mut<acc_t>(g.k), *dv = mut<acc_t>(g.v),
-        *dqs = mut<acc_t>(g.q_state), *dsp = mut<acc_t>(g.retrieved),
+        *dqs = fold_q_state ? nullptr : mut<acc_t>(g.q_state), *dsp = mut<acc_t>(g.retrieved),
         *spk = mut<acc_t>(spill_k), *spv = mut<acc_t>(spill_v);
 
   at::parallel_for(0, s.bh * s.num_chunks, 1, [&](int64_t begin, int64_t end) {
     AttentionScratch<acc_t> w(s, /*backward=*/true);
-    std::vector<acc_t> dk_win((s.chunk_size + s.overlap) * s.d), dv_win(dk_win.size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / s.num_chunks, c = task % s.num_chunks;
       const Chunk ch = chunk_at(c, s.n, s.chunk_size, s.overlap);
       const int64_t tok = bh * s.n, rows = ch.rows(), win = ch.window();
       const acc_t* state = sp + (bh * s.num_chunks + c) * s.ds * s.d;
       load(qp + (tok + ch.start) * s.d, rows, s.d, w.q.data(), acc_t(scale));
-      load_transposed(kp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.kt.data(), w.ld);
       const acc_t* kb = rows_as_acc(kp + (tok + ch.window_start) * s.d, win, s.d, w.k);
-      load_transposed(vp + (tok + ch.window_start) * s.d, s.d, win, s.d, w.vt.data(), w.ld);
+      transpose(win, s.d, kb, s.d, w.kt.data(), w.ld);
+      load_transposed(vp + (tok + ch.window_start) * s.d, win, s.d, w.vt.data(), w.ld, w.v);
       const acc_t* dout = rows_as_acc(gp + (tok + ch.start) * s.d, rows, s.d, w.dout);
+      const acc_t* o = rows_as_acc(op + (tok + ch.start) * s.d, rows, s.d, w.o);
       const acc_t* qs = rows_as_acc(qsp + (tok + ch.start) * s.ds, rows, s.ds, w.qs);
       transpose(s.ds, s.d, state, s.d, w.st.data(), s.ds);
 
       // dq_state = state_scale * dO @ S_c^T
-      zero(w.dqs.data(), rows, s.ds, s.ds);
-      gemm_acc(rows, s.ds, s.d, dout, s.d, 1, w.st.data(), s.ds, w.dqs.data(), s.ds);
+      gemm(rows, s.ds, s.d, dout, s.d, 1, w.st.data(), s.ds, w.dqs.data(), s.ds);
       convert_scale(w.dqs.data(), w.dqs.data(), rows * s.ds, acc_t(state_scale));
-      std::copy(w.dqs.begin(), w.dqs.begin() + rows * s.ds, dqs + (tok + ch.start) * s.ds);
       // dS_c = state_scale * q_state^T @ dO
       acc_t* dstate = dsp + (bh * s.num_chunks + c) * s.ds * s.d;
-      zero(dstate, s.ds, s.d, s.d);
-      gemm_acc(s.ds, s.d, rows, qs, 1, s.ds, dout, s.d, dstate, s.d);
+      gemm(s.ds, s.d, rows, qs, 1, s.ds, dout, s.d, dstate, s.d);
       convert_scale(dstate, dstate, s.ds * s.d, acc_t(state_scale));
 
       // P from the saved lse; dP = dO @ V^T over the same causal blocks.
@@ -259,33 +262,31 @@ AttentionGrads chunk_attention_bwd_kernel(
       for (int64_t i = 0; i < rows; ++i) {
         acc_t* p = w.scores.data() + i * w.ld;
         acc_t* dp = w.dscores.data() + i * w.ld;
-        const int64_t keys = visible(ch, i);
-        const acc_t l = lp[tok + ch.start + i];
-        exp_shift_sum(p, keys, l);
+        const int64_t keys = visible(ch, i), padded = round_up(keys, kSoftmaxAlign);
+        std::fill(p + keys, p + padded, -std::numeric_limits<acc_t>::infinity());
+        exp_shift_sum(p, padded, lp[tok + ch.start + i]);
         // D_i = <dO_i, O_local_i> = <dO_i, out_i> - <q_state_i, dq_state_i>
-        acc_t delta = -dot(qs + i * s.ds, w.dqs.data() + i * s.ds, s.ds);
-        const scalar_t* orow = op + (tok + ch.start + i) * s.d;
-        for (int64_t e = 0; e < s.d; ++e) delta += dout[i * s.d + e] * static_cast<acc_t>(orow[e]);
+        const acc_t delta = dot(dout + i * s.d, o + i * s.d, s.d) -
+                            dot(qs + i * s.ds, w.dqs.data() + i * s.ds, s.ds);
         for (int64_t j = 0; j < keys; ++j) dp[j] = p[j] * (dp[j] - delta);
         // Whole rows: the transposed products below read every window column.
-        std::fill(p + keys, p + win, acc_t(0));
+        if (padded < win) std::fill(p + padded, p + win, acc_t(0));
         std::fill(dp + keys, dp + win, acc_t(0));
       }
       // dq = scale * dS @ K
-      zero(w.out.data(), rows, s.d, s.d);
-      window_product(ch, w.cols, s.d, w.dscores.data(), w.ld, kb, w.out.data());
       acc_t* dq_rows = dq + (tok + ch.start) * s.d;
-      convert_scale(w.out.data(), dq_rows, rows * s.d, acc_t(scale));
+      window_product(ch, w.cols, s.d, w.dscores.data(), w.ld, kb, dq_rows);
+      convert_scale(dq_rows, dq_rows, rows * s.d, acc_t(scale));
+      if (fold_q_state) {
+        for (int64_t x = 0; x < rows * s.d; ++x) dq_rows[x] += w.dqs[x];
+      } else {
+        std::copy(w.dqs.begin(), w.dqs.begin() + rows * s.ds, dqs + (tok + ch.start) * s.ds);
+      }
       // dK_window = dS^T @ (scale * Q), dV_window = P^T @ dO (A read transposed in place)
-      zero(dk_win.data(), win, s.d, s.d);
-      window_product_transposed(ch, s.d, w.dscores.data(), w.ld, w.q.data(), dk_win.data());
-      zero(dv_win.data(), win, s.d, s.d);
-      window_product_transposed(ch, s.d, w.scores.data(), w.ld, dout, dv_win.data());
-      const int64_t spill = ch.overlap() * s.d;
-      std::copy(dk_win.begin(), dk_win.begin() + spill, spk + task * s.overlap * s.d);
-      std::copy(dv_win.begin(), dv_win.begin() + spill, spv + task * s.overlap * s.d);
-      std::copy(dk_win.begin() + spill, dk_win.begin() + win * s.d, dk + (tok + ch.start) * s.d);
-      std::copy(dv_win.begin() + spill, dv_win.begin() + win * s.d, dv + (tok + ch.start) * s.d);
+      window_product_transposed(ch, s.d, w.dscores.data(), w.ld, w.q.data(), spk + task * s.overlap * s.d,
+                                dk + (tok + ch.start) * s.d);
+      window_product_transposed(ch, s.d, w.scores.data(), w.ld, dout, spv + task * s.overlap * s.d,
+                                dv + (tok + ch.start) * s.d);
     }
   });
   if (s.overlap > 0) {
@@ -323,25 +324,22 @@ void chunk_states_fwd_kernel(const at::Tensor& k_state, const at::Tensor& v, int
       const acc_t* ks = rows_as_acc(kp + tok * ds, rows, ds, kb);
       const acc_t* vs = rows_as_acc(vp + tok * d, rows, d, vb);
       acc_t* f = fp + task * ds * d;
-      zero(f, ds, d, d);
-      gemm_acc(ds, d, rows, ks, 1, ds, vs, d, f, d);
+      gemm(ds, d, rows, ks, 1, ds, vs, d, f, d);
     }
   });
 }
 
-// dk_state = v @ dF^T, dv = k_state @ dF per chunk, in acc_t.
+// dk_state = v @ dF^T and dv = k_state @ dF per chunk, written to (with `accumulate`, added to)
+// acc_t buffers [BH, n, ds] and [BH, n, d].
 template <typename scalar_t>
-std::pair<at::Tensor, at::Tensor> chunk_states_bwd_kernel(const at::Tensor& grad_states,
-                                                          const at::Tensor& k_state,
-                                                          const at::Tensor& v, int64_t chunk_size) {
+void chunk_states_bwd_kernel(const at::Tensor& grad_states, const at::Tensor& k_state, const at::Tensor& v,
+                             int64_t chunk_size, bool accumulate, at::Tensor& dk_state, at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t bh = k_state.size(0) * k_state.size(1), n = k_state.size(2), ds = k_state.size(3),
                 d = v.size(3), num_chunks = grad_states.size(2);
-  const auto acc_opts = v.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  auto dks = at::empty({bh, n, ds}, acc_opts), dv = at::empty({bh, n, d}, acc_opts);
   const scalar_t *kp = ptr<scalar_t>(k_state), *vp = ptr<scalar_t>(v);
   const acc_t* gp = ptr<acc_t>(grad_states);
-  acc_t *dkp = mut<acc_t>(dks), *dvp = mut<acc_t>(dv);
+  acc_t *dkp = mut<acc_t>(dk_state), *dvp = mut<acc_t>(dv);
   at::parallel_for(0, bh * num_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> kb(chunk_size * ds), vb(chunk_size * d), gt(d * ds);
     for (int64_t task = begin; task < end; ++task) {
@@ -352,30 +350,25 @@ std::pair<at::Tensor, at::Tensor> chunk_states_bwd_kernel(const at::Tensor& grad
       const acc_t* ks = rows_as_acc(kp + tok * ds, rows, ds, kb);
       const acc_t* vs = rows_as_acc(vp + tok * d, rows, d, vb);
       transpose(ds, d, g, d, gt.data(), ds);
-      zero(dkp + tok * ds, rows, ds, ds);
-      gemm_acc(rows, ds, d, vs, d, 1, gt.data(), ds, dkp + tok * ds, ds);
-      zero(dvp + tok * d, rows, d, d);
-      gemm_acc(rows, d, ds, ks, ds, 1, g, d, dvp + tok * d, d);
+      if (accumulate) {
+        gemm_acc(rows, ds, d, vs, d, 1, gt.data(), ds, dkp + tok * ds, ds);
+        gemm_acc(rows, d, ds, ks, ds, 1, g, d, dvp + tok * d, d);
+      } else {
+        gemm(rows, ds, d, vs, d, 1, gt.data(), ds, dkp + tok * ds, ds);
+        gemm(rows, d, ds, ks, ds, 1, g, d, dvp + tok * d, d);
+      }
     }
   });
-  return {dks, dv};
 }
 
-// Retrieval weights of chunk c over chunks j < c into p[0..c); returns nothing for c == 0.
-template <typename scalar_t, typename acc_t>
-void retrieval_row(const scalar_t* mq, const scalar_t* mk, int64_t c, int64_t dm, double meta_scale,
-                   acc_t* p) {
+// Retrieval weights of chunk c over chunks j < c into p[0..c) (meta rows in acc_t); returns
+// nothing for c == 0.
+template <typename acc_t>
+void retrieval_row(const acc_t* mq, const acc_t* mk, int64_t c, int64_t dm, double meta_scale, acc_t* p) {
   if (c == 0) return;
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < c; ++j) {
-    acc_t a = 0;
-    for (int64_t e = 0; e < dm; ++e)
-      a += static_cast<acc_t>(mq[c * dm + e]) * static_cast<acc_t>(mk[j * dm + e]);
-    p[j] = a * acc_t(meta_scale);
-    mx = std::max(mx, p[j]);
-  }
-  const acc_t inv = acc_t(1) / exp_shift_sum(p, c, mx);
-  for (int64_t j = 0; j < c; ++j) p[j] *= inv;
+  for (int64_t j = 0; j < c; ++j) p[j] = dot(mq + c * dm, mk + j * dm, dm) * acc_t(meta_scale);
+  const acc_t sum = exp_shift_sum(p, c, max_value(p, c));
+  convert_scale(p, p, c, acc_t(1) / sum);
 }
 
 // Retrieval works on blocks of kRowBlock chunks so that mixing states (C x C weights times
@@ -384,8 +377,8 @@ int64_t row_blocks(int64_t num_chunks) { return (num_chunks + kRowBlock - 1) / k
 
 // Weights of chunks [c0, c1) of one (batch, head) over all C chunks: row c - c0 of `rows`
 // (leading dim C); entries j >= c are zero.
-template <typename scalar_t, typename acc_t>
-void retrieval_block(const scalar_t* mq, const scalar_t* mk, int64_t c0, int64_t c1, int64_t num_chunks,
+template <typename acc_t>
+void retrieval_block(const acc_t* mq, const acc_t* mk, int64_t c0, int64_t c1, int64_t num_chunks,
                      int64_t dm, double meta_scale, acc_t* rows) {
   for (int64_t c = c0; c < c1; ++c) {
     acc_t* row = rows + (c - c0) * num_chunks;
@@ -404,17 +397,16 @@ void block_retrieval_fwd_kernel(const at::Tensor& meta_q, const at::Tensor& meta
   const acc_t* fp = ptr<acc_t>(states);
   acc_t* sp = mut<acc_t>(retrieved);
   at::parallel_for(0, bh * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> p(kRowBlock * num_chunks);
+    std::vector<acc_t> p(kRowBlock * num_chunks), mq_buf(num_chunks * dm), mk_buf(num_chunks * dm);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, c0 = task % blocks * kRowBlock;
       const int64_t c1 = std::min(c0 + kRowBlock, num_chunks);
-      retrieval_block(mqp + b * num_chunks * dm, mkp + b * num_chunks * dm, c0, c1, num_chunks, dm,
-                      meta_scale, p.data());
+      retrieval_block(rows_as_acc(mqp + b * num_chunks * dm, num_chunks, dm, mq_buf),
+                      rows_as_acc(mkp + b * num_chunks * dm, num_chunks, dm, mk_buf), c0, c1,
+                      num_chunks, dm, meta_scale, p.data());
       acc_t* out = sp + (b * num_chunks + c0) * width;
-      zero(out, c1 - c0, width, width);
       // Chunks [c0, c1) read only chunks before c1 - 1.
-      gemm_acc(c1 - c0, width, c1 - 1, p.data(), num_chunks, 1,
-               fp + b * num_chunks * width, width, out, width);
+      gemm(c1 - c0, width, c1 - 1, p.data(), num_chunks, 1, fp + b * num_chunks * width, width, out, width);
     }
   });
 }
@@ -429,43 +421,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_retrieval_bwd_kernel(
   const auto acc_opts = states.options();
   auto dmq = at::empty({bh, num_chunks, dm}, acc_opts), dmk = at::empty({bh, num_chunks, dm}, acc_opts);
   auto dstates = at::empty({bh, num_chunks, width}, acc_opts);
-  // p and the logit gradient da of every (batch, head), kept for the column pass; states
-  // transposed so that dP = dS @ F^T is a plain product.
-  auto p_all = at::empty({bh, num_chunks, num_chunks}, acc_opts), da_all = at::zeros_like(p_all);
-  auto states_t = at::empty({bh, width, num_chunks}, acc_opts);
+  // p and the logit gradient da of every (batch, head), kept for the column pass.
+  auto p_all = at::empty({bh, num_chunks, num_chunks}, acc_opts), da_all = at::empty_like(p_all);
   const scalar_t *mqp = ptr<scalar_t>(meta_q), *mkp = ptr<scalar_t>(meta_k);
   const acc_t *fp = ptr<acc_t>(states), *gp = ptr<acc_t>(grad_retrieved);
   acc_t *dmqp = mut<acc_t>(dmq), *dmkp = mut<acc_t>(dmk), *dfp = mut<acc_t>(dstates),
-        *pp = mut<acc_t>(p_all), *dap = mut<acc_t>(da_all), *ftp = mut<acc_t>(states_t);
+        *pp = mut<acc_t>(p_all), *dap = mut<acc_t>(da_all);
   const int64_t cc = num_chunks * num_chunks;
-  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      transpose(num_chunks, width, fp + b * num_chunks * width, width, ftp + b * width * num_chunks, num_chunks);
-    }
-  });
   // Row blocks: dP = dS @ F^T, da = p * (dP - <p, dP>), dmeta_q = meta_scale * da @ meta_k.
   at::parallel_for(0, bh * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mk_buf(num_chunks * dm);
+    std::vector<acc_t> mq_buf(num_chunks * dm), mk_buf(num_chunks * dm);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, c0 = task % blocks * kRowBlock;
       const int64_t c1 = std::min(c0 + kRowBlock, num_chunks);
-      const scalar_t *mq = mqp + b * num_chunks * dm, *mk = mkp + b * num_chunks * dm;
+      const acc_t* mq = rows_as_acc(mqp + b * num_chunks * dm, num_chunks, dm, mq_buf);
+      const acc_t* mk = rows_as_acc(mkp + b * num_chunks * dm, num_chunks, dm, mk_buf);
       acc_t *p = pp + b * cc, *da = dap + b * cc;
       retrieval_block(mq, mk, c0, c1, num_chunks, dm, meta_scale, p + c0 * num_chunks);
-      gemm_acc(c1 - c0, c1 - 1, width, gp + (b * num_chunks + c0) * width, width, 1,
-               ftp + b * width * num_chunks, num_chunks, da + c0 * num_chunks, num_chunks);
       for (int64_t c = c0; c < c1; ++c) {
         acc_t *prow = p + c * num_chunks, *darow = da + c * num_chunks;
+        // dP[c][j] = <dS_c, F_j>: long dot products over the ds * d state (only j < c matter,
+        // and a product of c x width by width x c would be too narrow to tile).
+        const acc_t* dsc = gp + (b * num_chunks + c) * width;
+        for (int64_t j = 0; j < c; ++j) darow[j] = dot(dsc, fp + (b * num_chunks + j) * width, width);
         const acc_t weighted = dot(prow, darow, c);
         for (int64_t j = 0; j < num_chunks; ++j) {
           darow[j] = j < c ? acc_t(meta_scale) * prow[j] * (darow[j] - weighted) : acc_t(0);
         }
       }
       // da holds meta_scale * dlogits from here on.
-      const acc_t* mk_acc = rows_as_acc(mk, num_chunks, dm, mk_buf);
       acc_t* g = dmqp + (b * num_chunks + c0) * dm;
-      zero(g, c1 - c0, dm, dm);
-      gemm_acc(c1 - c0, dm, c1 - 1, da + c0 * num_chunks, num_chunks, 1, mk_acc, dm, g, dm);
+      gemm(c1 - c0, dm, c1 - 1, da + c0 * num_chunks, num_chunks, 1, mk, dm, g, dm);
     }
   });
   // Column blocks: dF = p^T @ dS and dmeta_k = meta_scale * da^T @ meta_q, over rows c > j.
@@ -474,19 +460,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_retrieval_bwd_kernel(
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, j0 = task % blocks * kRowBlock;
       const int64_t j1 = std::min(j0 + kRowBlock, num_chunks);
-      acc_t* df = dfp + (b * num_chunks + j0) * width;
-      zero(df, j1 - j0, width, width);
-      // Rows c > j0 can weigh chunks of this block; p is read transposed in place.
-      const int64_t first = j0 + 1;
-      acc_t* g = dmkp + (b * num_chunks + j0) * dm;
-      zero(g, j1 - j0, dm, dm);
-      if (first < num_chunks) {
-        gemm_acc(j1 - j0, width, num_chunks - first, pp + b * cc + first * num_chunks + j0, 1, num_chunks,
-                 gp + (b * num_chunks + first) * width, width, df, width);
-        const acc_t* mq_acc = rows_as_acc(mqp + b * num_chunks * dm, num_chunks, dm, mq_buf);
-        gemm_acc(j1 - j0, dm, num_chunks - first, dap + b * cc + first * num_chunks + j0, 1, num_chunks,
-                 mq_acc + first * dm, dm, g, dm);
-      }
+      // Rows c > j0 can weigh chunks of this block (none for the last chunk, whose empty products
+      // write zeros); p is read transposed in place.
+      const int64_t first = j0 + 1, later = num_chunks - first;
+      const acc_t* mq = rows_as_acc(mqp + b * num_chunks * dm, num_chunks, dm, mq_buf);
+      gemm(j1 - j0, width, later, pp + b * cc + first * num_chunks + j0, 1, num_chunks,
+           gp + (b * num_chunks + first) * width, width, dfp + (b * num_chunks + j0) * width, width);
+      gemm(j1 - j0, dm, later, dap + b * cc + first * num_chunks + j0, 1, num_chunks, mq + first * dm, dm,
+           dmkp + (b * num_chunks + j0) * dm, dm);
     }
   });
   return {dmq, dmk, dstates};
@@ -515,11 +496,12 @@ std::tuple<at::Tensor, at::Tensor> chunk_states_bwd(const at::Tensor& grad_state
                                                     int64_t chunk_size) {
   const auto k_state = k_state_.contiguous(), v = v_.contiguous();
   const auto g = grad_states.contiguous().to(state_dtype(v.scalar_type()));
-  at::Tensor dks, dv;
+  const auto acc_opts = g.options();  // fp32 (fp64 for fp64 inputs), like the states
+  auto dks = at::empty(k_state.sizes(), acc_opts), dv = at::empty(v.sizes(), acc_opts);
   BSBR_DISPATCH(v.scalar_type(), "chunk_states_bwd", [&] {
-    std::tie(dks, dv) = chunk_states_bwd_kernel<scalar_t>(g, k_state, v, chunk_size);
+    chunk_states_bwd_kernel<scalar_t>(g, k_state, v, chunk_size, /*accumulate=*/false, dks, dv);
   });
-  return {dks.view(k_state.sizes()).to(k_state.scalar_type()), dv.view(v.sizes()).to(v.scalar_type())};
+  return {dks.to(k_state.scalar_type()), dv.to(v.scalar_type())};
 }
 
 at::Tensor block_retrieval_fwd(const at::Tensor& meta_q_, const at::Tensor& meta_k_,
@@ -563,13 +545,14 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_fwd(
 AttentionGrads chunk_attention_bwd_acc(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& q_state, const at::Tensor& retrieved, const at::Tensor& out,
-    const at::Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale, double state_scale) {
+    const at::Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale, double state_scale,
+    bool fold_q_state) {
   const Dims s = dims_of(q, q_state, chunk_size, chunk_overlap);
   AttentionGrads g;
   BSBR_DISPATCH(q.scalar_type(), "chunk_attention_bwd", [&] {
     g = chunk_attention_bwd_kernel<scalar_t>(
         s, grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), q_state.contiguous(),
-        retrieved.contiguous(), out.contiguous(), lse.contiguous(), scale, state_scale);
+        retrieved.contiguous(), out.contiguous(), lse.contiguous(), scale, state_scale, fold_q_state);
   });
   return g;
 }
@@ -579,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_att
     const at::Tensor& q_state, const at::Tensor& retrieved, const at::Tensor& out,
     const at::Tensor& lse, int64_t chunk_size, int64_t chunk_overlap, double scale, double state_scale) {
   const auto g = chunk_attention_bwd_acc(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size,
-                                         chunk_overlap, scale, state_scale);
+                                         chunk_overlap, scale, state_scale, /*fold_q_state=*/false);
   const auto dtype = q.scalar_type();
   return {g.q.view(q.sizes()).to(dtype), g.k.view(k.sizes()).to(dtype), g.v.view(v.sizes()).to(dtype),
           g.q_state.view(q_state.sizes()).to(dtype), g.retrieved.view(retrieved.sizes())};
@@ -604,25 +587,31 @@ bsbr_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                    int64_t chunk_overlap, double scale, double meta_scale, double state_scale) {
   const at::Tensor& q_state = q_state_.has_value() ? *q_state_ : q;
   const at::Tensor& k_state = k_state_.has_value() ? *k_state_ : k;
-  const auto states = chunk_states_fwd(k_state, v, chunk_size);
-  const auto retrieved = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
-  const auto g = chunk_attention_bwd_acc(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size,
-                                         chunk_overlap, scale, state_scale);
-  auto [dmq, dmk, dstates] = block_retrieval_bwd(g.retrieved.view(retrieved.sizes()), meta_q, meta_k,
-                                                 states, meta_scale);
-  at::Tensor dks, dv_states;
+  // An omitted state's gradient is added to q's / k's (summed before the one rounding) instead of
+  // being returned; each intermediate is released once used, which sets the backward's peak memory.
+  const bool fold_q_state = !q_state_.has_value(), fold_k_state = !k_state_.has_value();
+  at::Tensor states = chunk_states_fwd(k_state, v, chunk_size);
+  at::Tensor retrieved = block_retrieval_fwd(meta_q, meta_k, states, meta_scale);
+  AttentionGrads g = chunk_attention_bwd_acc(grad_out, q, k, v, q_state, retrieved, out, lse, chunk_size,
+                                             chunk_overlap, scale, state_scale, fold_q_state);
+  retrieved.reset();
+  auto [dmq, dmk, dstates] = block_retrieval_bwd(g.retrieved.view(states.sizes()), meta_q, meta_k, states,
+                                                 meta_scale);
+  states.reset();
+  g.retrieved.reset();
+  at::Tensor dk_state = fold_k_state ? g.k : at::zeros({g.k.size(0), g.k.size(1), k_state.size(3)}, g.k.options());
   BSBR_DISPATCH(v.scalar_type(), "chunk_states_bwd", [&] {
-    std::tie(dks, dv_states) =
-        chunk_states_bwd_kernel<scalar_t>(dstates, k_state.contiguous(), v.contiguous(), chunk_size);
+    chunk_states_bwd_kernel<scalar_t>(dstates, k_state.contiguous(), v.contiguous(), chunk_size,
+                                      /*accumulate=*/true, dk_state, g.v);
   });
   const auto dtype = q.scalar_type();
-  // An omitted state's gradient is folded into q's / k's (summed before the one rounding).
-  at::Tensor dq = g.q.view(q.sizes()), dk = g.k.view(k.sizes());
-  at::Tensor dqs = g.q_state.view(q_state.sizes()), dk_state = dks.view(k_state.sizes());
-  if (!q_state_.has_value()) dq.add_(dqs), dqs = at::empty({0}, q.options());
-  if (!k_state_.has_value()) dk.add_(dk_state), dk_state = at::empty({0}, q.options());
-  return {dq.to(dtype), dk.to(dtype), g.v.add_(dv_states).view(v.sizes()).to(dtype), dmq, dmk,
-          dqs.to(dtype), dk_state.to(dtype)};
+  return {g.q.view(q.sizes()).to(dtype),
+          g.k.view(k.sizes()).to(dtype),
+          g.v.view(v.sizes()).to(dtype),
+          dmq,
+          dmk,
+          fold_q_state ? at::empty({0}, q.options()) : g.q_state.view(q_state.sizes()).to(dtype),
+          fold_k_state ? at::empty({0}, q.options()) : dk_state.view(k_state.sizes()).to(dtype)};
 }
 
 }  // namespace

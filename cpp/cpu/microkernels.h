@@ -1,7 +1,8 @@
-// Small dense building blocks for the CPU kernels: row-major C (+)= A @ B on acc_t buffers that
-// fit in cache. Compiled once per x86-64 ISA level (target_clones) so the same binary uses
-// AVX-512 or AVX2 where the CPU has them and stays correct on any x86-64; elsewhere the
-// compiler's default target is used.
+// Small dense building blocks for the CPU kernels: row-major C (+)= A @ B, transposes and row
+// reductions on acc_t buffers that fit in cache. Each is compiled once per x86-64 ISA level and
+// the best level the CPU runs is picked on first use (the environment variable BSBR_CPU_ISA can
+// cap it), so the same binary uses AVX-512 or AVX2 where the CPU has them and stays correct on
+// any x86-64; elsewhere the compiler's default target is used.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -9,18 +10,20 @@
 
 #include <cstdint>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
-#define BSBR_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BSBR_MULTIVERSION
-#endif
-
 namespace bsbr::cpu {
 
-// C[i][j] += sum_k A(i, k) * B[k][j] for i < m, j < n, k < kdim, where A(i, k) is
+// The ISA level the kernels run at: "avx512", "avx2" or "base" (the compiler's target).
+const char* cpu_isa();
+
+// C[i][j] = sum_k A(i, k) * B[k][j] for i < m, j < n, k < kdim, where A(i, k) is
 // a[i * a_row + k * a_col] (so A may be stored transposed: no transposition copy needed) and B
 // and C are row-major with leading dims ldb and ldc.
+void gemm(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t a_row, int64_t a_col,
+          const float* b, int64_t ldb, float* c, int64_t ldc);
+void gemm(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t a_row, int64_t a_col,
+          const double* b, int64_t ldb, double* c, int64_t ldc);
+
+// C[i][j] += sum_k A(i, k) * B[k][j], as gemm otherwise.
 void gemm_acc(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t a_row, int64_t a_col,
               const float* b, int64_t ldb, float* c, int64_t ldc);
 void gemm_acc(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t a_row, int64_t a_col,
@@ -45,19 +48,8 @@ double max_value(const double* x, int64_t n);
 float dot(const float* x, const float* y, int64_t n);
 double dot(const double* x, const double* y, int64_t n);
 
-// dst[j][i] = src[i][j] for i < rows, j < cols, in 16 x 16 blocks so that both the reads and the
-// writes of a block stay within a few cache lines.
-template <typename T>
-inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
-    const int64_t i1 = i0 + kBlock < rows ? i0 + kBlock : rows;
-    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
-      const int64_t j1 = j0 + kBlock < cols ? j0 + kBlock : cols;
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) dst[j * ldd + i] = src[i * lds + j];
-    }
-  }
-}
+// dst[j][i] = src[i][j] for i < rows, j < cols.
+void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd);
+void transpose(int64_t rows, int64_t cols, const double* src, int64_t lds, double* dst, int64_t ldd);
 
 }  // namespace bsbr::cpu

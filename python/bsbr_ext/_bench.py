@@ -495,11 +495,11 @@ def environment() -> dict:
                                if ln.startswith("model name")), platform.processor())
     except OSError:
         env["cpu"] = platform.processor()
-    # The vector ISA the CPU numbers depend on (ATen's: AVX2, AVX512, ...; the microkernels'
-    # target_clones choose x86-64-v3 or v4 on nearly the same features), named with the CPU so
-    # that tables from different VMs can be told apart.
+    # The vector ISAs the CPU numbers depend on (ATen's: AVX2, AVX512, ...; our kernels' level:
+    # avx512, avx2 or base, see BSBR_CPU_ISA), named with the CPU so that tables from different
+    # VMs can be told apart.
     env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    env["cpu"] += f" ({env['cpu_capability']})"
+    env["cpu"] += f" ({env['cpu_capability']}; bsbr kernels: {env['build_info']['cpu_isa']})"
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name()
         env["cuda_runtime"] = torch.version.cuda
