@@ -282,42 +282,31 @@ inline __attribute__((always_inline)) float exp_shift_sum_impl(float* x, int64_t
 // One definition of every kernel for an ISA level, with the level's target attribute so that
 // the always-inline templates above compile for its registers and instructions.
 #define BSBR_LEVEL_KERNELS(ISA, TARGET)                                                          \
-  TARGET void gemm(bool accumulate, int64_t m, int64_t n, int64_t kdim, const float* a,          \
-                   int64_t a_row, int64_t a_col, const float* b, int64_t ldb, float* c,          \
-                   int64_t ldc) {                                                                \
+  template <typename T>                                                                          \
+  TARGET void gemm(bool accumulate, int64_t m, int64_t n, int64_t kdim, const T* a,              \
+                   int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {   \
     if (accumulate) gemm_impl<ISA, true>(m, n, kdim, a, a_row, a_col, b, ldb, c, ldc);           \
     else gemm_impl<ISA, false>(m, n, kdim, a, a_row, a_col, b, ldb, c, ldc);                     \
   }                                                                                              \
-  TARGET void gemm(bool accumulate, int64_t m, int64_t n, int64_t kdim, const double* a,         \
-                   int64_t a_row, int64_t a_col, const double* b, int64_t ldb, double* c,        \
-                   int64_t ldc) {                                                                \
-    if (accumulate) gemm_impl<ISA, true>(m, n, kdim, a, a_row, a_col, b, ldb, c, ldc);           \
-    else gemm_impl<ISA, false>(m, n, kdim, a, a_row, a_col, b, ldb, c, ldc);                     \
-  }                                                                                              \
-  TARGET void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,   \
+  template <typename T>                                                                          \
+  TARGET void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst,           \
                         int64_t ldd) {                                                           \
     transpose_impl<ISA>(rows, cols, src, lds, dst, ldd);                                         \
   }                                                                                              \
-  TARGET void transpose(int64_t rows, int64_t cols, const double* src, int64_t lds, double* dst, \
-                        int64_t ldd) {                                                           \
-    transpose_impl<ISA>(rows, cols, src, lds, dst, ldd);                                         \
-  }                                                                                              \
-  TARGET void convert_scale(const float* src, float* dst, int64_t n, float mul) {                \
-    convert_scale_impl(src, dst, n, mul);                                                        \
-  }                                                                                              \
-  TARGET void convert_scale(const double* src, double* dst, int64_t n, double mul) {             \
+  template <typename T>                                                                          \
+  TARGET void convert_scale(const T* src, T* dst, int64_t n, T mul) {                            \
     convert_scale_impl(src, dst, n, mul);                                                        \
   }                                                                                              \
   TARGET void convert_scale(const c10::BFloat16* src, float* dst, int64_t n, float mul) {        \
     bf16_to_float_impl(src, dst, n, mul);                                                        \
   }                                                                                              \
-  TARGET float max_value(const float* x, int64_t n) { return max_impl(x, n); }                   \
-  TARGET double max_value(const double* x, int64_t n) { return max_impl(x, n); }                 \
+  template <typename T>                                                                          \
+  TARGET T max_value(const T* x, int64_t n) { return max_impl(x, n); }                           \
   TARGET float exp_shift_sum(float* x, int64_t n, float shift) {                                 \
     return exp_shift_sum_impl(x, n, shift);                                                      \
   }                                                                                              \
-  TARGET float dot(const float* x, const float* y, int64_t n) { return dot_impl(x, y, n); }      \
-  TARGET double dot(const double* x, const double* y, int64_t n) { return dot_impl(x, y, n); }
+  template <typename T>                                                                          \
+  TARGET T dot(const T* x, const T* y, int64_t n) { return dot_impl(x, y, n); }
 
 namespace base {
 BSBR_LEVEL_KERNELS(IsaBase, )
@@ -375,33 +364,43 @@ Level level() {
 
 const char* cpu_isa() { return kLevelNames[static_cast<int>(level())]; }
 
-void gemm(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t a_row, int64_t a_col,
-          const float* b, int64_t ldb, float* c, int64_t ldc) {
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_row, int64_t a_col, const T* b,
+          int64_t ldb, T* c, int64_t ldc) {
   BSBR_ON_LEVEL(gemm(false, m, n, kdim, a, a_row, a_col, b, ldb, c, ldc))
 }
 
-void gemm(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t a_row, int64_t a_col,
-          const double* b, int64_t ldb, double* c, int64_t ldc) {
-  BSBR_ON_LEVEL(gemm(false, m, n, kdim, a, a_row, a_col, b, ldb, c, ldc))
-}
-
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t a_row, int64_t a_col,
-              const float* b, int64_t ldb, float* c, int64_t ldc) {
+template <typename T>
+void gemm_acc(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_row, int64_t a_col,
+              const T* b, int64_t ldb, T* c, int64_t ldc) {
   BSBR_ON_LEVEL(gemm(true, m, n, kdim, a, a_row, a_col, b, ldb, c, ldc))
 }
 
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t a_row, int64_t a_col,
-              const double* b, int64_t ldb, double* c, int64_t ldc) {
-  BSBR_ON_LEVEL(gemm(true, m, n, kdim, a, a_row, a_col, b, ldb, c, ldc))
-}
-
-void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
   BSBR_ON_LEVEL(transpose(rows, cols, src, lds, dst, ldd))
 }
 
-void transpose(int64_t rows, int64_t cols, const double* src, int64_t lds, double* dst, int64_t ldd) {
-  BSBR_ON_LEVEL(transpose(rows, cols, src, lds, dst, ldd))
+template <typename T>
+T max_value(const T* x, int64_t n) {
+  BSBR_ON_LEVEL(max_value(x, n))
 }
+
+template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  BSBR_ON_LEVEL(dot(x, y, n))
+}
+
+#define BSBR_INSTANTIATE(T)                                                                        \
+  template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, \
+                        T*, int64_t);                                                              \
+  template void gemm_acc<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*,      \
+                            int64_t, T*, int64_t);                                                 \
+  template void transpose<T>(int64_t, int64_t, const T*, int64_t, T*, int64_t);                    \
+  template T max_value<T>(const T*, int64_t);                                                      \
+  template T dot<T>(const T*, const T*, int64_t);
+BSBR_INSTANTIATE(float)
+BSBR_INSTANTIATE(double)
 
 void convert_scale(const float* src, float* dst, int64_t n, float mul) {
   BSBR_ON_LEVEL(convert_scale(src, dst, n, mul))
@@ -419,10 +418,6 @@ void convert_scale(const c10::Half* src, float* dst, int64_t n, float mul) {
   convert_scale_impl(src, dst, n, mul);
 }
 
-float max_value(const float* x, int64_t n) { BSBR_ON_LEVEL(max_value(x, n)) }
-
-double max_value(const double* x, int64_t n) { BSBR_ON_LEVEL(max_value(x, n)) }
-
 float exp_shift_sum(float* x, int64_t n, float shift) { BSBR_ON_LEVEL(exp_shift_sum(x, n, shift)) }
 
 double exp_shift_sum(double* x, int64_t n, double shift) {
@@ -433,9 +428,5 @@ double exp_shift_sum(double* x, int64_t n, double shift) {
   }
   return sum;
 }
-
-float dot(const float* x, const float* y, int64_t n) { BSBR_ON_LEVEL(dot(x, y, n)) }
-
-double dot(const double* x, const double* y, int64_t n) { BSBR_ON_LEVEL(dot(x, y, n)) }
 
 }  // namespace bsbr::cpu

@@ -15,19 +15,19 @@ namespace bsbr::cpu {
 // The ISA level the kernels run at: "avx512", "avx2" or "base" (the compiler's target).
 const char* cpu_isa();
 
+// The templates below are instantiated for T = float and double.
+
 // C[i][j] = sum_k A(i, k) * B[k][j] for i < m, j < n, k < kdim, where A(i, k) is
 // a[i * a_row + k * a_col] (so A may be stored transposed: no transposition copy needed) and B
 // and C are row-major with leading dims ldb and ldc.
-void gemm(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t a_row, int64_t a_col,
-          const float* b, int64_t ldb, float* c, int64_t ldc);
-void gemm(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t a_row, int64_t a_col,
-          const double* b, int64_t ldb, double* c, int64_t ldc);
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_row, int64_t a_col, const T* b,
+          int64_t ldb, T* c, int64_t ldc);
 
 // C[i][j] += sum_k A(i, k) * B[k][j], as gemm otherwise.
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t a_row, int64_t a_col,
-              const float* b, int64_t ldb, float* c, int64_t ldc);
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const double* a, int64_t a_row, int64_t a_col,
-              const double* b, int64_t ldb, double* c, int64_t ldc);
+template <typename T>
+void gemm_acc(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_row, int64_t a_col,
+              const T* b, int64_t ldb, T* c, int64_t ldc);
 
 // x[j] = exp(x[j] - shift) for j < n; returns the sum. Accurate to a few ulp (vectorisable
 // polynomial exp instead of libm's scalar one, which would dominate the softmax).
@@ -41,15 +41,15 @@ void convert_scale(const c10::BFloat16* src, float* dst, int64_t n, float mul);
 void convert_scale(const c10::Half* src, float* dst, int64_t n, float mul);
 
 // max_j x[j] for n >= 1
-float max_value(const float* x, int64_t n);
-double max_value(const double* x, int64_t n);
+template <typename T>
+T max_value(const T* x, int64_t n);
 
 // sum_j x[j] * y[j]
-float dot(const float* x, const float* y, int64_t n);
-double dot(const double* x, const double* y, int64_t n);
+template <typename T>
+T dot(const T* x, const T* y, int64_t n);
 
 // dst[j][i] = src[i][j] for i < rows, j < cols.
-void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd);
-void transpose(int64_t rows, int64_t cols, const double* src, int64_t lds, double* dst, int64_t ldd);
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd);
 
 }  // namespace bsbr::cpu
