@@ -368,7 +368,9 @@ def test_kernels_at_lower_cpu_isa_levels(isa):
     """The CPU kernels are compiled once per ISA level and the best level this CPU runs is used;
     BSBR_CPU_ISA caps it, so the lower levels' kernels are checked here too: the fp64 and
     low-precision kernel tests and the decode ops, in a process that runs them at `isa`."""
-    level = _cpu_isa_under(isa).stdout.strip()
+    probe = _cpu_isa_under(isa)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    level = probe.stdout.strip()
     if level != isa:
         pytest.skip(f"this CPU cannot run the {isa} kernels (best level: {level})")
     tests = os.path.dirname(os.path.abspath(__file__))

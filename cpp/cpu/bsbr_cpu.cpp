@@ -90,7 +90,8 @@ template <typename acc_t>
 struct AttentionScratch {
   int64_t cols;  // window width rounded up to kColAlign: the most score columns computed
   int64_t ld;    // leading dim of window-wide tiles; padded so their rows do not alias in L1
-  std::vector<acc_t> q, kt, k, vt, v, scores, dscores, out, dout, o, qs, st, dqs;
+  // out: the chunk's output rows (forward: accumulated here; backward: the saved output in acc_t)
+  std::vector<acc_t> q, kt, k, vt, v, scores, dscores, out, dout, qs, st, dqs;
   AttentionScratch(const Dims& s, bool backward) {
     const int64_t rows = s.chunk_size, window = s.chunk_size + s.overlap;
     cols = round_up(window, kColAlign);
@@ -106,7 +107,6 @@ struct AttentionScratch {
       vt.resize(s.d * ld);
       dscores.resize(rows * ld);
       dout.resize(rows * s.d);
-      o.resize(rows * s.d);
       st.resize(s.d * s.ds);
       dqs.resize(rows * s.ds);
     }
@@ -213,6 +213,7 @@ AttentionGrads chunk_attention_bwd_kernel(
     const at::Tensor& v, const at::Tensor& q_state, const at::Tensor& retrieved,
     const at::Tensor& out, const at::Tensor& lse, double scale, double state_scale, bool fold_q_state) {
   using acc_t = at::opmath_type<scalar_t>;
+  TORCH_INTERNAL_ASSERT(!fold_q_state || s.ds == s.d, "a folded q_state is q");
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   AttentionGrads g;
   g.q = at::empty({s.bh, s.n, s.d}, acc_opts);
@@ -244,7 +245,7 @@ AttentionGrads chunk_attention_bwd_kernel(
       transpose(win, s.d, kb, s.d, w.kt.data(), w.ld);
       load_transposed(vp + (tok + ch.window_start) * s.d, win, s.d, w.vt.data(), w.ld, w.v);
       const acc_t* dout = rows_as_acc(gp + (tok + ch.start) * s.d, rows, s.d, w.dout);
-      const acc_t* o = rows_as_acc(op + (tok + ch.start) * s.d, rows, s.d, w.o);
+      const acc_t* o = rows_as_acc(op + (tok + ch.start) * s.d, rows, s.d, w.out);
       const acc_t* qs = rows_as_acc(qsp + (tok + ch.start) * s.ds, rows, s.ds, w.qs);
       transpose(s.ds, s.d, state, s.d, w.st.data(), s.ds);
 

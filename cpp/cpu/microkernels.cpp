@@ -261,7 +261,6 @@ inline __attribute__((always_inline)) void convert_scale_impl(const S* src, T* d
   for (int64_t j = 0; j < n; ++j) dst[j] = mul * static_cast<T>(src[j]);
 }
 
-
 // bf16 is the top half of an fp32: widen the bits (vectorises, unlike a per-element call).
 inline __attribute__((always_inline)) void bf16_to_float_impl(const c10::BFloat16* src, float* dst,
                                                                int64_t n, float mul) {
